@@ -1,0 +1,26 @@
+"""`launch.py bench WHAT`: each benchmark lives beside the code it measures and prints JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from .errors import UserError
+
+_BENCHES = {
+    "step": ("pggan.training.bench", "bench_step"),
+    "data": ("pggan.data.bench", "bench_data"),
+    "swd": ("pggan.metrics.bench", "bench_swd"),
+    "checkpoint": ("pggan.checkpoint.bench", "bench_checkpoint"),
+}
+
+
+def cli_bench(args: argparse.Namespace) -> int:
+    module, func = _BENCHES[args.what]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("pggan"):
+            raise UserError(f"`bench {args.what}` is not built yet") from None
+        raise
+    return getattr(mod, func)(args)
