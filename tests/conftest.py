@@ -80,3 +80,60 @@ def s3_bucket(s3_server, request):
 
 def have_binary(name: str) -> bool:
     return shutil.which(name) is not None
+
+
+SERVICE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # Ray 2.59+ enables token auth on local clusters; tests opt out explicitly
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # faster report polling in tests (see RAY-NOTES.md)
+    "PYTHONPATH": str(SERVICE),
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_server):
+    """A real local Ray cluster (`ray start --head --block`) on free ports, with 2 CPUs.
+
+    Started after moto so the cluster's processes inherit the (fake) S3 credentials from the environment.
+    Runs in its own session so teardown kills exactly this cluster (never `ray stop`, which would kill
+    any other Ray cluster on the machine). Yields a dict with address, dashboard URL and env.
+    """
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    ray_bin = Path(sys.executable).with_name("ray")
+    need("ray CLI", ray_bin.exists(), f"{ray_bin} not found; pip install 'ray[default]'")
+    gcs, dash, client, node_mgr, obj_mgr, metrics = (free_port() for _ in range(6))
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, **SERVICE_ENV}
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", f"--metrics-export-port={metrics}", "--num-cpus=2",
+           "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]
+    log = open(temp / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).read()
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                pytest.fail(f"ray start failed:\n{(temp / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield {"address": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env, "temp": temp, "pid": proc.pid}
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # TERM lets ray clean up; KILL reaps whatever is left
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(1)
+    log.close()

@@ -146,3 +146,12 @@ def test_cli_bad_set_gives_one_line_per_problem_and_exit_2():
     assert out.returncode == 2 and len(lines) == 2
     assert any("schedule.lr_base" in ln and "-1" in ln for ln in lines)
     assert any("model.max_resolution" in ln and "48" in ln for ln in lines)
+
+
+def test_readme_config_reference_lists_every_field_as_the_code_does():
+    readme = (ROOT / "README.md").read_text()
+    from pggan.config import reference_markdown
+
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("<!-- config-reference:end -->")
+    assert readme[start:end].strip() == reference_markdown().strip(), "regenerate with python -m pggan.config"

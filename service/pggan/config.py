@@ -479,3 +479,24 @@ def load_config(config_file: str | None = None, preset: str | None = None, sets:
     data["preset"] = name
     data = apply_sets(data, sets or [])
     return validate(data)
+
+
+def reference_markdown() -> str:
+    """The config reference table in README.md (a test keeps the two identical)."""
+    defaults = RunConfig().model_dump(mode="json")
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, field in RunConfig.model_fields.items():
+        model = field.annotation
+        if not hasattr(model, "model_fields"):
+            lines.append(f"| `{section}` | `{json.dumps(defaults[section])}` | {field.description} |")
+            continue
+        for name, f in model.model_fields.items():
+            default = json.dumps(defaults[section][name])
+            if len(default) > 40:
+                default = default[:37] + "..."
+            lines.append(f"| `{section}.{name}` | `{default}` | {f.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m pggan.config: print the reference table
+    print(reference_markdown())

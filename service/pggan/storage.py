@@ -91,7 +91,8 @@ class Storage:
         fs, path = self.fs(url)
         return self.retry(f"read {url}", lambda: fs.cat_file(path))
 
-    def write_bytes(self, url: str, data: bytes) -> None:
+    def write_bytes(self, url: str, data: bytes,
+                    on_retry: Callable[[int, BaseException], None] | None = None) -> None:
         """Write a whole object. On object stores a PUT is atomic; locally we write a temp file and rename."""
         fs, path = self.fs(url)
 
@@ -110,13 +111,13 @@ class Storage:
                     fs.makedirs(parent, exist_ok=True)
                 fs.pipe_file(path, data)
 
-        self.retry(f"write {url}", put)
+        self.retry(f"write {url}", put, on_retry=on_retry)
 
     def read_json(self, url: str) -> Any:
         return json.loads(self.read_bytes(url))
 
-    def write_json(self, url: str, obj: Any) -> None:
-        self.write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode())
+    def write_json(self, url: str, obj: Any, on_retry: Callable[[int, BaseException], None] | None = None) -> None:
+        self.write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode(), on_retry=on_retry)
 
     def append_line(self, url: str, line: str) -> None:
         """Append one line to a text object (read-modify-write on object stores; fine for small histories)."""

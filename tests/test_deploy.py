@@ -1,0 +1,461 @@
+"""deploy/ and k8s/: the Helm chart lints and renders with the real helm CLI; rendered manifests validate (core kinds
+with kubernetes-validate, RayJob and Prometheus Operator kinds against their CRD schemas, the dashboard against
+Grafana's schema); the dashboard and alert rules query only metrics Telemetry exports; promtool checks and unit-tests
+the rules; no credential value ever reaches a manifest; k8s/ is a fresh render of the chart."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import FAKE_SECRET, ROOT, have_binary, need
+from pggan.config import load_config
+from pggan.telemetry import METRICS, SERIES_NAMES
+
+CHART = ROOT / "deploy" / "helm" / "pggan"
+RULES = ROOT / "deploy" / "prometheus" / "pggan-rules.yaml"
+RULES_TEST = ROOT / "deploy" / "prometheus" / "pggan-rules.test.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "pggan-dashboard.json"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+K8S_README = ROOT / "k8s" / "README.md"
+SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+K8S_VERSION = "1.33"  # a Kubernetes release the chart targets (Chart.yaml kubeVersion >= 1.25)
+
+CRD_FILES = {
+    ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",
+    ("ray.io/v1", "RayCluster"): "ray.io_rayclusters.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+}
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+def _need_helm() -> None:
+    need("helm", have_binary("helm"), "install the helm CLI (.ci/install-system.sh)")
+
+
+def _need_schemas() -> None:
+    need("shared/k8s-schemas", SCHEMAS.is_dir(), f"{SCHEMAS} holds the CRD and Grafana schemas")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    _need_helm()
+    proc = subprocess.run(["helm", *args], capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def render(*sets: str, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["template", "pggan", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    return helm(*args, check=check)
+
+
+def docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_docs_text() -> str:
+    return render().stdout
+
+
+@pytest.fixture
+def rendered() -> list[dict]:
+    return docs(_default_docs_text())
+
+
+def one(manifests: list[dict], kind: str, name_suffix: str = "") -> dict:
+    found = [d for d in manifests if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def crd_jsonschema(path: Path, version: str = "v1") -> dict:
+    """The CRD's openAPIV3Schema as JSON Schema, applying SOURCES.txt's notes: nullable admits null,
+    x-kubernetes-int-or-string admits integer or string, a required field with a default is not required.
+    Objects with declared properties admit no others (the API server's strict field validation rejects them)."""
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # RayJob's is 1.4 MB
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return _to_jsonschema(v["schema"]["openAPIV3Schema"])
+
+
+def _to_jsonschema(s: Any) -> Any:
+    if not isinstance(s, dict):
+        return s
+    s = dict(s)
+    if "properties" in s:
+        s["properties"] = {k: _to_jsonschema(v) for k, v in s["properties"].items()}
+        if "required" in s:
+            s["required"] = [r for r in s["required"] if "default" not in s["properties"].get(r, {})]
+        if "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(s.get(key), dict):
+            s[key] = _to_jsonschema(s[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in s:
+            s[key] = [_to_jsonschema(x) for x in s[key]]
+    if s.pop("x-kubernetes-int-or-string", False):
+        s["type"] = ["integer", "string"]
+    if s.pop("nullable", False) and "type" in s:
+        s["type"] = [*([s["type"]] if isinstance(s["type"], str) else s["type"]), "null"]
+        if "enum" in s:
+            s["enum"] = [*s["enum"], None]
+    return s
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
+    _need_schemas()
+    return jsonschema.Draft7Validator(crd_jsonschema(SCHEMAS / CRD_FILES[(api_version, kind)]))
+
+
+def crd_errors(doc: dict) -> list[str]:
+    v = crd_validator(doc["apiVersion"], doc["kind"])
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in v.iter_errors(doc)]
+
+
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                 "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (strings, label matchers, ranges, grouping lists, functions and
+    keywords removed). Grafana variables inside strings and ranges go with them."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\boffset\s+-?\w+", " ", e)
+    names = set()
+    for m in re.finditer(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?", e):
+        word, call = m.group(1), m.group(2)
+        if word and not call and word.lower() not in _PROMQL_WORDS:
+            names.add(word)
+    return names
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs(d: dict) -> list[str]:
+    exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", []) if "expr" in t]
+    return exprs + [a["expr"] for a in d["annotations"]["list"] if "expr" in a]
+
+
+def rule_groups() -> list[dict]:
+    return yaml.safe_load(RULES.read_text())["groups"]
+
+
+def _need_promtool() -> None:
+    need("promtool", have_binary("promtool"), "install Debian's prometheus package (.ci/install-system.sh)")
+
+
+def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    _need_promtool()
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=cwd)
+
+
+# --- the test helpers themselves ---------------------------------------------------------------------------
+
+def test_promql_metric_names_finds_selectors_and_skips_functions_labels_and_keywords():
+    expr = ('histogram_quantile(0.95, sum by (le, run) (increase(foo_bucket{run=~"$run", x="a{b}"}[$__rate_interval])))'
+            ' / on(run, trial) group_left bar offset 5m + 1e3 * time() unless baz:rec > 0 and qux')
+    assert promql_metric_names(expr) == {"foo_bucket", "bar", "baz:rec", "qux"}
+
+
+def test_crd_validation_rejects_unknown_fields_and_wrong_types(rendered):
+    _need_schemas()
+    job = copy.deepcopy(one(rendered, "RayJob"))
+    assert crd_errors(job) == []
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["templat"] = {}
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "8"
+    errors = crd_errors(job)
+    assert any("templat" in e for e in errors) and any("replicas" in e for e in errors), errors
+
+
+# --- helm --------------------------------------------------------------------------------------------------
+
+def test_helm_lint_strict_passes():
+    out = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_chart_renders_the_expected_kinds(rendered):
+    assert sorted(d["kind"] for d in rendered) == sorted(
+        ["ConfigMap", "ConfigMap", "RayJob", "Service", "ServiceMonitor", "PrometheusRule"])
+    # No namespace in the manifests: `helm install -n X` and `kubectl -n X apply -f k8s/` both place them.
+    assert all("namespace" not in d["metadata"] for d in rendered)
+
+
+def test_core_kinds_validate_with_kubernetes_validate(rendered):
+    core = [d for d in rendered if (d["apiVersion"], d["kind"]) not in CRD_FILES]
+    assert {d["kind"] for d in core} == {"ConfigMap", "Service"}
+    for d in core:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+def test_custom_resources_validate_against_their_crd_schemas(rendered):
+    custom = [d for d in rendered if (d["apiVersion"], d["kind"]) in CRD_FILES]
+    assert {d["kind"] for d in custom} == {"RayJob", "ServiceMonitor", "PrometheusRule"}
+    for d in custom:
+        assert crd_errors(d) == [], d["kind"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"])
+
+
+def test_pod_templates_inside_the_rayjob_validate_as_core_pod_specs(rendered):
+    job = one(rendered, "RayJob")["spec"]
+    templates = [job["submitterPodTemplate"], job["rayClusterSpec"]["headGroupSpec"]["template"],
+                 *[g["template"] for g in job["rayClusterSpec"]["workerGroupSpecs"]]]
+    for t in templates:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **t.get("metadata", {})},
+               "spec": t["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_rayjob_runs_launch_py_with_the_mounted_config_on_head_and_gpu_workers(rendered):
+    job = one(rendered, "RayJob")["spec"]
+    assert job["entrypoint"] == "python service/launch.py --config /config/config.yaml"
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (c,) = head["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/config"]
+    (vol,) = [v for v in head["volumes"] if v["name"] == mount["name"]]
+    assert vol["configMap"]["name"] == one(rendered, "ConfigMap", "-config")["metadata"]["name"]
+    (workers,) = job["rayClusterSpec"]["workerGroupSpecs"]
+    w = workers["template"]["spec"]
+    assert w["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert w["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in w["tolerations"]
+    for spec in (head, w):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["containers"][0]["resources"]["requests"] and spec["containers"][0]["resources"]["limits"]
+
+
+def test_config_in_the_configmap_is_a_valid_run_config_matching_the_cluster(rendered, tmp_path):
+    cm = one(rendered, "ConfigMap", "-config")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    cfg = load_config(str(path))
+    job = one(rendered, "RayJob")["spec"]["rayClusterSpec"]
+    (group,) = job["workerGroupSpecs"]
+    gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert cfg.cluster.num_workers == group["replicas"] * gpus
+    assert cfg.cluster.use_gpu is True
+    ports = {p["name"]: p["containerPort"] for p in job["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert cfg.metrics.port == ports["pggan-metrics"] and cfg.metrics.host == "0.0.0.0"
+
+
+def test_values_set_resources_node_selection_and_worker_count():
+    out = docs(render("worker.gpusPerPod=4", "worker.replicas=2", "worker.nodeSelector.pool=a100",
+                      "worker.resources.limits.memory=200Gi", "head.nodeSelector.pool=cpu",
+                      "metrics.port=9200").stdout)
+    spec = one(out, "RayJob")["spec"]["rayClusterSpec"]
+    (group,) = spec["workerGroupSpecs"]
+    w = group["template"]["spec"]
+    assert w["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "200Gi", "nvidia.com/gpu": 4}
+    assert w["nodeSelector"] == {"nvidia.com/gpu.present": "true", "pool": "a100"}
+    assert spec["headGroupSpec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+    cfg = yaml.safe_load(one(out, "ConfigMap", "-config")["data"]["config.yaml"])
+    assert cfg["cluster"]["num_workers"] == 8 and cfg["metrics"]["port"] == 9200
+    assert one(out, "Service")["spec"]["ports"][0]["port"] == 9200
+
+
+def test_more_train_workers_than_the_worker_group_holds_is_refused():
+    proc = render("config.cluster.num_workers=16", check=False)
+    assert proc.returncode != 0 and "num_workers" in proc.stderr
+
+
+def test_service_and_servicemonitor_scrape_the_exporter_port_on_the_head(rendered):
+    svc, sm = one(rendered, "Service"), one(rendered, "ServiceMonitor")
+    head = one(rendered, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    assert svc["spec"]["selector"].items() <= head["metadata"]["labels"].items()
+    ports = {p["name"] for p in head["spec"]["containers"][0]["ports"]}
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["targetPort"] in ports
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == svc_port["name"] and endpoint["path"] == "/metrics"
+    workers = one(rendered, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+    assert not svc["spec"]["selector"].items() <= workers["metadata"]["labels"].items()
+
+
+def test_prometheusrule_carries_the_rules_file_verbatim(rendered):
+    assert one(rendered, "PrometheusRule")["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_dashboard_configmap_carries_the_dashboard_file_for_the_grafana_sidecar(rendered):
+    cm = one(rendered, "ConfigMap", "-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["pggan-dashboard.json"]) == dashboard()
+
+
+def test_monitoring_objects_can_be_switched_off():
+    out = docs(render("metrics.serviceMonitor.enabled=false", "metrics.prometheusRule.enabled=false",
+                      "metrics.grafanaDashboard.enabled=false").stdout)
+    assert sorted(d["kind"] for d in out) == ["ConfigMap", "RayJob", "Service"]
+
+
+# --- secrets -----------------------------------------------------------------------------------------------
+
+def test_credentials_come_only_from_the_named_secret(rendered):
+    text = _default_docs_text()
+    assert "kind: Secret" not in text
+    out = docs(render("s3.existingSecret=team-s3-creds").stdout)
+    spec = one(out, "RayJob")["spec"]["rayClusterSpec"]
+    for pod in (spec["headGroupSpec"]["template"], spec["workerGroupSpecs"][0]["template"]):
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "value" not in env[name]
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "team-s3-creds"
+
+
+@pytest.mark.parametrize("setting", [
+    f"s3.secretAccessKey={FAKE_SECRET}",
+    f"s3.accessKey={FAKE_SECRET}",
+    f"config.storage.options.secret={FAKE_SECRET}",
+    f"config.storage.options.aws_secret_access_key={FAKE_SECRET}",
+    f"config.storage.options.key={FAKE_SECRET}",
+    f"config.storage.url=s3://AKIA:{FAKE_SECRET}@bucket/runs",
+    f"config.data.source=s3://AKIA:{FAKE_SECRET}@bucket/data",
+    f"s3.endpointUrl=http://minio:{FAKE_SECRET}@minio:9000",
+    f"extraEnv[0].name=AWS_SECRET_ACCESS_KEY,extraEnv[0].value={FAKE_SECRET}",
+])
+def test_a_secret_value_in_values_is_refused_and_never_rendered(setting):
+    proc = render(setting, check=False)
+    assert proc.returncode != 0
+    assert FAKE_SECRET not in proc.stdout
+
+
+def test_non_secret_storage_options_and_env_still_render():
+    out = render("config.storage.options.anon=false", "extraEnv[0].name=NCCL_DEBUG", "extraEnv[0].value=WARN",
+                 "s3.endpointUrl=http://minio:9000").stdout
+    cfg = yaml.safe_load(one(docs(out), "ConfigMap", "-config")["data"]["config.yaml"])
+    assert cfg["storage"]["options"] == {"anon": False}
+    assert "NCCL_DEBUG" in out and "http://minio:9000" in out
+
+
+# --- k8s/ --------------------------------------------------------------------------------------------------
+
+def test_k8s_manifests_equal_a_fresh_render_by_the_documented_command():
+    cmd = next(line.strip() for line in K8S_README.read_text().splitlines() if line.strip().startswith("helm template"))
+    argv, target = cmd.split(">")
+    rendered_now = helm(*shlex.split(argv)[1:]).stdout
+    on_disk = (ROOT / target.strip()).read_text()
+    assert rendered_now == on_disk, f"k8s/ is stale: run `{cmd}`"
+
+
+# --- Dockerfile --------------------------------------------------------------------------------------------
+
+def test_image_runs_as_the_non_root_user_the_chart_expects():
+    users = re.findall(r"^USER\s+(\d+)(?::(\d+))?\s*$", DOCKERFILE.read_text(), re.M)
+    assert users, "the Dockerfile sets no numeric USER"
+    uid, gid = users[-1]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert int(uid) != 0
+    assert int(uid) == values["podSecurityContext"]["runAsUser"]
+    assert int(gid or uid) == values["podSecurityContext"]["runAsGroup"]
+    assert re.search(r"^WORKDIR /app$", DOCKERFILE.read_text(), re.M)  # the entrypoint's service/launch.py
+
+
+# --- Grafana dashboard -------------------------------------------------------------------------------------
+
+def test_dashboard_validates_against_the_grafana_schema():
+    _need_schemas()
+    schema = json.loads((SCHEMAS / "grafana" / "dashboard.jsonschema.json").read_text())
+    errors = [f"{list(e.absolute_path)}: {e.message[:200]}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(dashboard())]
+    assert errors == []
+
+
+def test_dashboard_queries_only_metrics_telemetry_exports_and_shows_them_all():
+    d = dashboard()
+    used: set[str] = set()
+    for expr in dashboard_exprs(d):
+        names = promql_metric_names(expr)
+        assert names, expr
+        assert names <= SERIES_NAMES, f"{expr}: unknown {names - SERIES_NAMES}"
+        used |= names
+    for var in d["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((\w+)(?:\{.*\})?,\s*(\w+)\)", var["query"])
+            assert m and m.group(1) in SERIES_NAMES, var["query"]
+    families = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                if n.startswith("pggan_checkpoint_duration_seconds") else n for n in used}
+    assert families == set(METRICS)
+
+
+def test_dashboard_is_templated_on_run_and_trial():
+    d = dashboard()
+    assert {v["name"] for v in d["templating"]["list"]} >= {"run", "trial"}
+    for expr in dashboard_exprs(d):
+        for selector in re.findall(r"pggan_\w+(\{[^}]*\})?", expr):
+            assert 'run=~"$run"' in selector and 'trial=~"$trial"' in selector, expr
+
+
+def test_dashboard_panels_do_not_overlap():
+    cells: dict[tuple[int, int], str] = {}
+    for p in dashboard()["panels"]:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p.get('title')} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p.get("title", "")
+    assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    _need_promtool()
+    subst = {"run": "demo", "trial": ".*", "__rate_interval": "1m"}
+    rules = [{"record": f"dashboard:query_{i}", "expr": re.sub(r"\$\{?(\w+)\}?", lambda m: subst[m.group(1)], e)}
+             for i, e in enumerate(dashboard_exprs(dashboard()))]
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = promtool("check", "rules", "dashboard.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- Prometheus rules --------------------------------------------------------------------------------------
+
+def test_rules_use_only_metrics_telemetry_exports():
+    recorded = {r["record"] for g in rule_groups() for r in g["rules"] if "record" in r}
+    alerts = [r for g in rule_groups() for r in g["rules"] if "alert" in r]
+    assert {a["alert"] for a in alerts} >= {"PgganRunFailed", "PgganNoProgress", "PgganCheckpointStale",
+                                            "PgganCheckpointFailures", "PgganNonFiniteSteps", "PgganWorkerRestarts"}
+    for r in (r for g in rule_groups() for r in g["rules"]):
+        names = promql_metric_names(r["expr"])
+        assert names and names <= SERIES_NAMES | recorded, f"{r.get('alert') or r['record']}: {names}"
+    for a in alerts:
+        assert a["labels"]["severity"] in ("warning", "critical") and a["annotations"]["summary"]
+
+
+def test_every_alert_has_a_promtool_unit_test():
+    tested = {t["alertname"] for case in yaml.safe_load(RULES_TEST.read_text())["tests"]
+              for t in case.get("alert_rule_test", [])}
+    assert tested == {r["alert"] for g in rule_groups() for r in g["rules"] if "alert" in r}
+
+
+def test_promtool_check_rules_passes():
+    proc = promtool("check", "rules", RULES.name, cwd=RULES.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+def test_promtool_rule_unit_tests_pass():
+    proc = promtool("test", "rules", RULES_TEST.name, cwd=RULES.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
