@@ -89,7 +89,6 @@ class DataSection(_Section):
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0,
                                     description="Fail prepare if more than this fraction of source files is unreadable.")
     upscale_small: bool = Field(False, description="Upscale images smaller than the target instead of rejecting them.")
-    loader_workers: int = Field(1, ge=0, le=64, description="Background threads per training worker for decoding shards.")
 
     @field_validator("resolution")
     @classmethod
@@ -227,11 +226,26 @@ class MetricsSection(_Section):
 
     port: int = Field(9108, ge=0, le=65535, description="Prometheus exporter port on the driver (0 = disabled).")
     host: str = Field("0.0.0.0", description="Exporter bind address.")
-    tick_kimg: float = Field(4.0, gt=0, le=1e5, description="One progress line and one Ray report per tick.")
+    tick_kimg: float = Field(4.0, gt=0, le=1e5,
+                             description="One progress line and one Ray report per tick (keep ticks >= a few seconds).")
+    tick_kimg_dict: dict[int, float] = Field(default_factory=dict, description="Per-resolution tick overrides.")
     swd_images: int = Field(16384, ge=0, le=1_000_000,
                             description="Images (real and fake) for SWD at each stage end (0 = skip).")
     swd_every_stage: bool = Field(True, description="Evaluate SWD at every stage end, not only at the end.")
     grid_size: int = Field(8, ge=1, le=32, description="Sample grid is grid_size x grid_size images.")
+
+
+    @field_validator("tick_kimg_dict")
+    @classmethod
+    def _ticks(cls, v: dict[int, float]) -> dict[int, float]:
+        _check_res_keys(v)
+        for res, x in v.items():
+            if not (x > 0 and math.isfinite(x)):
+                raise ValueError(f"tick for {res} must be a positive number, got {x}")
+        return v
+
+    def tick_nimg(self, res: int) -> int:
+        return max(round(self.tick_kimg_dict.get(res, self.tick_kimg) * 1000), 1)
 
 
 class SweepSection(_Section):
@@ -309,10 +323,6 @@ def _cross_checks(cfg: RunConfig) -> list[tuple[str, Any, str]]:
     if cfg.data.resolution is not None and cfg.data.resolution < m.max_resolution:
         out.append(("data.resolution", cfg.data.resolution,
                      f"data must be at least model.max_resolution ({m.max_resolution})"))
-    for name in ("fade_kimg_dict", "stable_kimg_dict", "minibatch_dict", "lr_dict"):
-        for res in getattr(s, name):
-            if res > m.max_resolution:
-                out.append((f"schedule.{name}.{res}", res, f"resolution above model.max_resolution ({m.max_resolution})"))
     for res in cfg.resolutions():
         mb = s.minibatch(res)
         key = f"schedule.minibatch_dict.{res}" if res in s.minibatch_dict else "schedule.minibatch_base"
@@ -399,9 +409,10 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge; an empty mapping in ``over`` clears the base's (e.g. a preset's per-resolution dict)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
