@@ -1,0 +1,105 @@
+"""End to end on real components: `ray job submit` to a local Ray cluster, 2 workers, run directory on moto's S3.
+
+One tiny run 4x4 -> 16x16 (five stages), then the same command again (already complete: trains nothing),
+then a larger total (resumes from the final checkpoint at the exact image count).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "preset": "demo",
+    "run": {"name": "e2e", "seed": 3},
+    "data": {"source": "synthetic:shapes", "synthetic_images": 256},
+    "model": {"max_resolution": 16, "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "mbstd_group_size": 4},
+    "schedule": {"start_resolution": 4, "fade_kimg": 0.128, "stable_kimg": 0.128, "fade_kimg_dict": {},
+                 "stable_kimg_dict": {}, "minibatch_base": 16, "minibatch_dict": {}, "lr_base": 0.002},
+    "cluster": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1, "start_timeout_s": 60},
+    "checkpoint": {"every_kimg": 0.064, "keep": 2},
+    "metrics": {"tick_kimg": 0.064, "swd_images": 64, "port": 0, "grid_size": 4},
+    "ema": {"half_life_kimg": 0.1, "rampup": None},
+}
+
+
+def _submit(cluster: dict, cfg_file: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_bin), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(ROOT),
+           "--", "python", "service/launch.py", "--config", str(cfg_file), *extra]
+    return subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _fs(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False)
+
+
+def test_ray_job_submit_trains_every_stage_on_s3_then_is_complete_then_resumes_a_larger_total(
+        ray_cluster, s3_bucket, tmp_path):
+    endpoint, bucket = s3_bucket
+    cfg = json.loads(json.dumps(TINY))
+    cfg["storage"] = {"url": f"s3://{bucket}/runs", "endpoint_url": endpoint}
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    run = f"{bucket}/runs/e2e"
+    fs = _fs(endpoint)
+
+    # ---- 1. a whole run --------------------------------------------------------------------------
+    out = _submit(ray_cluster, cfg_file)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    state = json.loads(fs.cat_file(f"{run}/run_state.json"))
+    assert state["state"] == "completed"
+    stage_names = ["00-4-stable", "01-8-fade", "02-8-stable", "03-16-fade", "04-16-stable"]
+    trained = [h["stage"] for h in state["history"] if h["state"] == "training"]
+    evaluated = [h["stage"] for h in state["history"] if h["state"] == "evaluating"]
+    assert trained == stage_names and evaluated == stage_names
+    total = state["total_nimg"]
+    assert state["nimg"] == total == 5 * 128
+    ckpts = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoints"))
+    assert ckpts == [f"ckpt-{total - 64:012d}", f"ckpt-{total:012d}"]  # keep=2, every 64 images
+    for c in ckpts:
+        assert fs.exists(f"{run}/checkpoints/{c}/meta.json") and fs.exists(f"{run}/checkpoints/{c}/state.pt")
+    grids = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/samples"))
+    assert grids == [f"{s}.png" for s in stage_names]
+    assert fs.cat_file(f"{run}/samples/04-16-stable.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fs.exists(f"{run}/final/generator.pt")
+    records = [json.loads(x) for x in fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    ends = [r for r in records if r["event"] == "stage_end"]
+    assert [r["stage"] for r in ends] == stage_names
+    assert all("swd" in r for r in ends if r["resolution"] >= 8)
+    ticks = [r for r in records if r["event"] == "tick"]
+    assert ticks and ticks[-1]["nimg"] == total
+    assert "[04-16-stable] res   16" in log  # per-tick progress lines from rank 0
+
+    # ---- 2. the same command again: complete, trains nothing --------------------------------------
+    out = _submit(ray_cluster, cfg_file)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "already complete" in out.stdout + out.stderr
+    again = json.loads(fs.cat_file(f"{run}/run_state.json"))
+    assert [h["stage"] for h in again["history"] if h["state"] == "training"] == stage_names
+    assert len(again["lives"]) == 2
+
+    # ---- 3. a larger total resumes from the final checkpoint at the exact image count -------------
+    out = _submit(ray_cluster, cfg_file, "--set", "schedule.total_kimg=0.768")
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    more = json.loads(fs.cat_file(f"{run}/run_state.json"))
+    assert more["state"] == "completed" and more["nimg"] == 768
+    third_life = more["lives"][-1]["id"]
+    trained3 = [h for h in more["history"] if h["state"] == "training" and h["life"] == third_life]
+    assert [h["stage"] for h in trained3] == ["04-16-stable"]
+    assert trained3[0]["nimg"] == total  # resumed where the first run ended, not from scratch
+    assert f"resuming at {total / 1000:.1f} kimg" in log
+    assert f"ckpt-{768:012d}" in [p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoints")]
