@@ -90,6 +90,25 @@ SERVICE_ENV = {
 }
 
 
+def _wait_for_job_agent(dashboard: str, deadline: float) -> None:
+    """The dashboard answers before the node's job agent does; submit a no-op job until one runs."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    while True:
+        try:
+            job = client.submit_job(entrypoint="python -c 'pass'")
+            while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                time.sleep(0.5)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server):
     """A real local Ray cluster (`ray start --head --block`) on free ports, with 2 CPUs.
@@ -105,12 +124,15 @@ def ray_cluster(tmp_path_factory, s3_server):
 
     ray_bin = Path(sys.executable).with_name("ray")
     need("ray CLI", ray_bin.exists(), f"{ray_bin} not found; pip install 'ray[default]'")
-    gcs, dash, client, node_mgr, obj_mgr, metrics = (free_port() for _ in range(6))
+    gcs, dash, client, node_mgr, obj_mgr, metrics, agent_http, agent_grpc, rt_env = (free_port() for _ in range(9))
     temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, **SERVICE_ENV}
+    # `python` in a job's entrypoint must be this environment's, as it is in a cluster's image.
+    env = {**os.environ, **SERVICE_ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
            "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
            f"--object-manager-port={obj_mgr}", f"--metrics-export-port={metrics}", "--num-cpus=2",
+           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={rt_env}",
            "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]
     log = open(temp / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -125,6 +147,7 @@ def ray_cluster(tmp_path_factory, s3_server):
                 log.close()
                 pytest.fail(f"ray start failed:\n{(temp / 'ray-start.log').read_text()[-3000:]}")
             time.sleep(0.5)
+    _wait_for_job_agent(dashboard, deadline=time.monotonic() + 120)
     yield {"address": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env, "temp": temp, "pid": proc.pid}
     for sig in (signal.SIGTERM, signal.SIGKILL):  # TERM lets ray clean up; KILL reaps whatever is left
         try:

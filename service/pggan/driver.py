@@ -31,9 +31,11 @@ from .storage import Storage, StorageUnavailable, join, normalize
 from .worker import stage_job, train_stage
 
 
-class Stopped(BaseException):
-    """The driver was asked to stop (SIGTERM from `ray job stop`, or Ctrl-C). A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` inside Ray's fit() swallows it."""
+class Stopped(KeyboardInterrupt):
+    """The driver was asked to stop (SIGTERM from `ray job stop`, or Ctrl-C). Not an Exception, so that no
+    `except Exception` inside Ray's fit() swallows it; a KeyboardInterrupt because a blocking ray.get (the driver
+    waits in one for the whole stage) runs signal handlers but turns only KeyboardInterrupt into an error in the
+    waiting thread (it raises a plain KeyboardInterrupt then) and drops any other exception a handler raises."""
 
 
 def run_url_of(cfg: RunConfig) -> str:
@@ -264,7 +266,7 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
             bar = None
         print(swd_table(read_metrics(storage, run_url)), flush=True)
         return 0
-    except Stopped:
+    except KeyboardInterrupt:  # Stopped, or the KeyboardInterrupt ray.get raises for it
         _best_effort(lambda: set_state("stopped", None, note="stopped on request; start the same command again "
                                                              "to resume"))
         _best_effort(save_ticks)  # after the state: `ray job stop` allows a few seconds before SIGKILL
