@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1024, help="images (data, swd)")
     p.add_argument("--source", default="synthetic:shapes", help="dataset for bench data")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    # Step-benchmark levers, each off what the trainer does by default (to measure its effect).
+    p.add_argument("--grad-fakes", action="store_true", help="step: build G's graph for the D step's fakes")
+    p.add_argument("--no-freeze-d", action="store_true", help="step: compute D's weight grads in the G step")
+    p.add_argument("--no-fused-adam", action="store_true", help="step: foreach Adam instead of fused")
+    p.add_argument("--scale-mode", default="operand", choices=["operand", "output"],
+                   help="step: equalized-lr scale on the weight/input (operand) or on the output activations")
+    p.add_argument("--no-flops", action="store_true", help="step: skip the FLOP count")
     return top
 
 

@@ -1,0 +1,360 @@
+"""One PG-GAN training step, as every worker runs it: D step, G step, G_ema update.
+
+:class:`GanTrainer` owns G, D, G_ema and their Adam optimizers. Per step:
+
+1. noise: latents and gradient-penalty mixing factors, drawn on the device from a generator seeded by
+   (run seed, rank, step), so a resumed run draws exactly what an uninterrupted one would;
+2. D step: G(z) under no_grad, per-sample D loss (WGAN-GP + drift or LSGAN), backward, gradient sync,
+   finiteness check, Adam;
+3. G step: D's parameters frozen (no weight gradients computed for D), per-sample G loss, backward,
+   sync, check, Adam;
+4. G_ema update (half-life in images).
+
+Distributed data parallel, two ways (``dist_mode``):
+
+- ``"allreduce"`` (default when torch.distributed is initialized with more than one rank): no DDP
+  wrapper; after each backward the gradients of the parameters that have one are flattened into one
+  buffer and summed across ranks by ``grad_sync`` (stylegan2-ada style). Any number of D forwards, the
+  gradient penalty's double backward and blocks unused at the current resolution need no bookkeeping.
+- ``"ddp"``: G and D wrapped in DistributedDataParallel(find_unused_parameters=True).
+
+Either way per-sample losses are reduced as sum / global_batch (scaled by the world size under DDP,
+which averages), so the gradient every rank applies is that of the mean over the global minibatch.
+
+A step whose D gradients are not finite changes nothing (no weight, no optimizer state, no G_ema) and
+is counted; if only G's gradients are not finite, D's update stands and G and G_ema are left as they
+were. Either way the images count as shown (the schedule advances), as in the official code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.networks import Discriminator, Generator, blend_reals, build_networks
+from .ema import ema_beta, ema_update
+from .losses import GanLoss
+
+if TYPE_CHECKING:
+    from ..config import EmaSection, LossSection, ModelSection, OptimSection, RunConfig
+
+GradSync = Callable[[torch.Tensor], None]  # sums a flat gradient buffer across ranks, in place
+DistMode = Literal["auto", "local", "allreduce", "ddp"]
+
+
+def allreduce_sum(group: Any = None) -> GradSync:
+    """The default gradient sync: one SUM all-reduce of the flattened gradients on ``group``."""
+
+    def sync(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+
+    return sync
+
+
+@dataclass
+class StepOptions:
+    """How the step computes. None of these changes the math (bf16 aside); they are speed levers."""
+
+    amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True        # NHWC activations
+    compile: bool = False             # torch.compile G, and D where no double backward runs through it
+    no_grad_fakes: bool = True        # D step: G(z) under no_grad (else G's graph is built and dropped)
+    freeze_d_in_g_step: bool = True   # G step: D.requires_grad_(False) (else D's weight grads are computed)
+    fused_adam: bool | None = None    # None: fused Adam where torch has it (CPU and CUDA float params)
+
+
+@dataclass
+class StepNoise:
+    """The random inputs of one step on one rank."""
+
+    z_d: torch.Tensor  # [N, L] latents for the D step
+    z_g: torch.Tensor  # [N, L] latents for the G step
+    mix: torch.Tensor  # [N] gradient-penalty interpolation factors in [0, 1)
+
+
+@dataclass
+class _Counters:
+    nimg: int = 0             # images shown to D (global), including skipped steps
+    steps: int = 0            # train_step calls
+    nonfinite_steps: int = 0  # steps with non-finite gradients (D or G)
+
+
+class GanTrainer:
+    """G, D, G_ema, both Adams, and the training step. See the module docstring."""
+
+    def __init__(self,
+                 model_cfg: "ModelSection",   # architecture
+                 loss_cfg: "LossSection",     # wgan-gp | lsgan and weights
+                 optim_cfg: "OptimSection",   # Adam betas, eps
+                 ema_cfg: "EmaSection",       # G_ema half-life (kimg) and ramp-up
+                 device: str | torch.device = "cpu",
+                 options: StepOptions | None = None,
+                 dist_mode: DistMode = "auto",  # auto: allreduce if torch.distributed has > 1 rank, else local
+                 grad_sync: GradSync | None = None,  # allreduce mode: custom sum of the flat gradients
+                 seed: int = 0,                # weights (same on every rank) and per-rank noise
+                 lr: float = 0.001,            # initial learning rate (reset_optimizers / set_lr change it)
+                 dtype: torch.dtype = torch.float32,  # parameter dtype (float64 for exactness tests)
+                 ) -> None:
+        self.device = torch.device(device)
+        self.opts = options or StepOptions()
+        self.loss = GanLoss(loss_cfg)
+        self.optim_cfg = optim_cfg
+        self.ema_cfg = ema_cfg
+        self.seed = seed
+        self.dtype = dtype
+        self.latent_size = model_cfg.latent_size
+        self.counters = _Counters()
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        if dist_mode == "auto":
+            dist_mode = "allreduce" if self.world_size > 1 else "local"
+        if dist_mode in ("allreduce", "ddp") and not distributed:
+            raise ValueError(f"dist_mode={dist_mode!r} needs an initialized torch.distributed process group")
+        self.dist_mode = dist_mode
+
+        amp = self.opts.amp
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "none"
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
+        self.memory_format = torch.channels_last if self.opts.channels_last else torch.contiguous_format
+
+        # Same weights on every rank: built from the run seed without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            G, D = build_networks(model_cfg)
+        self.G: Generator = G.to(self.device, dtype)
+        self.D: Discriminator = D.to(self.device, dtype)
+        self.G.set_memory_format(self.memory_format)
+        if dist_mode != "local":
+            _broadcast_params([*self.G.parameters(), *self.D.parameters()])  # (DDP would, too; G_ema needs it first)
+        self.G_ema: Generator = copy.deepcopy(self.G).eval().requires_grad_(False)
+
+        self._setup_parallel(grad_sync)
+        if self.opts.compile:
+            self._setup_compile()
+        self._gen = torch.Generator(self.device)
+        self.lr = lr
+        self.reset_optimizers(lr)
+
+    def _setup_parallel(self, grad_sync: GradSync | None) -> None:
+        """The callables that get gradients: G and D themselves, or their DDP wrappers."""
+        self._grad_sync: GradSync | None = None
+        self._G_train: Callable[..., torch.Tensor] = self.G
+        self._D_train: Callable[..., torch.Tensor] = self.D
+        if self.dist_mode == "allreduce":
+            self._grad_sync = grad_sync or allreduce_sum()
+        elif self.dist_mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # find_unused_parameters: blocks above the current resolution get no gradient.
+            self._G_train = DDP(self.G, device_ids=ids, find_unused_parameters=True)
+            self._D_train = DDP(self.D, device_ids=ids, find_unused_parameters=True)
+        # DDP averages gradients; our per-sample losses are summed and divided by the global batch.
+        self._loss_world_factor = self.world_size if self.dist_mode == "ddp" else 1
+        self._G_nograd: Callable[..., torch.Tensor] = self.G     # D step's fakes
+        self._D_scores: Callable[..., torch.Tensor] = self._D_train  # D step, reals and fakes
+        self._D_frozen: Callable[..., torch.Tensor] = self.D     # G step: a path for G's gradient, no reducer
+
+    def _setup_compile(self) -> None:
+        # One graph per (resolution, fade or stable, grad mode): more than dynamo's default limit of 8.
+        dynamo_cfg = torch._dynamo.config
+        limit_name = "recompile_limit" if hasattr(dynamo_cfg, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_cfg, limit_name, max(getattr(dynamo_cfg, limit_name), 64))
+        # Double backward does not run through compiled graphs: the gradient penalty's D stays eager.
+        self._G_nograd = torch.compile(self.G)
+        self._G_train = torch.compile(self._G_train)
+        self._D_scores = torch.compile(self._D_train)
+        self._D_frozen = torch.compile(self.D)
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", device: str | torch.device = "cpu", **kwargs: Any) -> "GanTrainer":
+        """A trainer for a validated run config (seed, model, loss, optim, ema, cluster.amp/channels_last/compile)."""
+        options = kwargs.pop("options", None) or StepOptions(amp=cfg.cluster.amp,
+                                                             channels_last=cfg.cluster.channels_last,
+                                                             compile=cfg.cluster.compile)
+        return cls(cfg.model, cfg.loss, cfg.optim, cfg.ema, device=device, options=options, seed=cfg.run.seed,
+                   lr=kwargs.pop("lr", cfg.schedule.lr_base), **kwargs)
+
+    # ------------------------------------------------------------------------------------------ optimizers
+
+    def _adam(self, params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+        fused = self.opts.fused_adam
+        if fused is None:
+            fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(params, lr=lr, betas=(self.optim_cfg.beta1, self.optim_cfg.beta2),
+                                eps=self.optim_cfg.eps, fused=fused or None, foreach=None if fused else True)
+
+    def reset_optimizers(self, lr: float) -> None:
+        """Fresh Adam state for G and D (the paper resets it at the start of every stage)."""
+        self.lr = lr
+        self.opt_G = self._adam(list(self.G.parameters()), lr)
+        self.opt_D = self._adam(list(self.D.parameters()), lr)
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate of both optimizers, keeping their state (lr ramp-up)."""
+        self.lr = lr
+        for opt in (self.opt_G, self.opt_D):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    # ----------------------------------------------------------------------------------------------- step
+
+    @property
+    def nimg(self) -> int:
+        return self.counters.nimg
+
+    @nimg.setter
+    def nimg(self, value: int) -> None:
+        self.counters.nimg = int(value)
+
+    def sample_noise(self, n: int, step: int | None = None) -> StepNoise:
+        """Latents and mixing factors for ``n`` samples, a pure function of (seed, rank, step)."""
+        step = self.counters.steps if step is None else step
+        s = np.random.SeedSequence([self.seed, self.rank, step]).generate_state(1, dtype=np.uint64)[0]
+        self._gen.manual_seed(int(s) & (2**63 - 1))
+        z_d = torch.randn(n, self.latent_size, generator=self._gen, device=self.device, dtype=self.dtype)
+        z_g = torch.randn(n, self.latent_size, generator=self._gen, device=self.device, dtype=self.dtype)
+        mix = torch.rand(n, generator=self._gen, device=self.device, dtype=self.dtype)
+        return StepNoise(z_d, z_g, mix)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self,
+                   reals: torch.Tensor,            # [N, 3, res, res] this rank's images in [-1, 1], not yet faded
+                   res: int,                       # current resolution
+                   alpha: float,                   # fade-in alpha (1.0 in stable stages)
+                   nimg: int | None = None,        # images seen before this step (default: the counter)
+                   global_batch: int | None = None,  # images over all ranks (default: N * world size)
+                   noise: StepNoise | None = None,  # default: sample_noise(N)
+                   ) -> dict[str, float]:
+        """One D step, one G step and the G_ema update. Returns this rank's means as Python floats:
+        loss_D, loss_G, gp (unweighted penalty), score_real, score_fake, and nonfinite (0 or 1)."""
+        n = reals.shape[0]
+        assert reals.shape[1:] == (3, res, res), f"reals {tuple(reals.shape)} are not 3x{res}x{res}"
+        if nimg is not None:
+            self.counters.nimg = int(nimg)
+        gb = global_batch or n * self.world_size
+        loss_scale = self._loss_world_factor / gb
+        noise = noise or self.sample_noise(n)
+        reals = reals.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
+        reals = blend_reals(reals, res, alpha)                     # [N, 3, res, res]
+
+        d_ok, d_stats = self._d_step(reals, res, alpha, noise, loss_scale)
+        g_ok, loss_g = False, float("nan")
+        if d_ok:
+            g_ok, loss_g = self._g_step(n, res, alpha, noise, loss_scale)
+        if d_ok and g_ok:
+            beta = ema_beta(gb, self.ema_cfg.half_life_kimg, self.counters.nimg, self.ema_cfg.rampup)
+            ema_update(self.G_ema, self.G, beta)
+
+        nonfinite = not (d_ok and g_ok)
+        self.counters.nimg += gb
+        self.counters.steps += 1
+        self.counters.nonfinite_steps += int(nonfinite)
+        return {**d_stats, "loss_G": loss_g, "nonfinite": float(nonfinite)}
+
+    def _d_step(self, reals: torch.Tensor, res: int, alpha: float, noise: StepNoise,
+                loss_scale: float) -> tuple[bool, dict[str, float]]:
+        self.opt_D.zero_grad(set_to_none=True)
+        with self._autocast():
+            if self.opts.no_grad_fakes:
+                with torch.no_grad():
+                    fakes = self._G_nograd(noise.z_d, res, alpha)  # [N, 3, res, res]
+            else:
+                fakes = self._G_train(noise.z_d, res, alpha).detach()
+            terms = self.loss.d_loss(lambda x: self._D_scores(x, res, alpha), reals, fakes, noise.mix,
+                                     gp_score_fn=lambda x: self._D_train(x, res, alpha))
+            loss = terms.loss.sum() * loss_scale
+        loss.backward()
+        ok = self._reduce_grads(self.D)
+        if ok:
+            self.opt_D.step()
+        stats = torch.stack([terms.loss.mean(), terms.gp.mean(), terms.real_scores.mean(),
+                             terms.fake_scores.mean()]).tolist()
+        return ok, dict(zip(("loss_D", "gp", "score_real", "score_fake"), stats))
+
+    def _g_step(self, n: int, res: int, alpha: float, noise: StepNoise, loss_scale: float) -> tuple[bool, float]:
+        self.opt_G.zero_grad(set_to_none=True)
+        # D is only a path for G's gradient here: the raw module (no DDP reducer), weights frozen.
+        if self.opts.freeze_d_in_g_step:
+            self.D.requires_grad_(False)
+        try:
+            with self._autocast():
+                fakes = self._G_train(noise.z_g, res, alpha)      # [N, 3, res, res]
+                per_sample = self.loss.g_loss(lambda x: self._D_frozen(x, res, alpha), fakes)  # [N]
+                loss = per_sample.sum() * loss_scale
+            loss.backward()
+        finally:
+            self.D.requires_grad_(True)
+        if not self.opts.freeze_d_in_g_step:
+            self.opt_D.zero_grad(set_to_none=True)
+        ok = self._reduce_grads(self.G)
+        if ok:
+            self.opt_G.step()
+        return ok, per_sample.detach().mean().item()
+
+    def _reduce_grads(self, module: nn.Module) -> bool:
+        """Sum gradients across ranks (allreduce mode) and say whether all are finite, in one pass."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        if self._grad_sync is None:
+            # Local or DDP (already reduced): a norm per tensor is cheaper than a flat copy.
+            return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        # Every rank runs the same resolution and alpha, so the set of parameters with gradients (and the
+        # flat layout) is the same on all ranks.
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._grad_sync(flat)
+        ok = bool(torch.isfinite(flat).all())
+        if ok:
+            torch._foreach_copy_(grads, [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        return ok
+
+    # --------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: networks, optimizers, counters. Tensors and plain types only, so
+        ``torch.load(..., weights_only=True)`` reads it."""
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "counters": {"nimg": self.counters.nimg, "steps": self.counters.steps,
+                         "nonfinite_steps": self.counters.nonfinite_steps, "lr": self.lr, "seed": self.seed},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (on any device; tensors are moved here)."""
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        c = state["counters"]
+        self.reset_optimizers(float(c["lr"]))
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        self.counters.nimg = int(c["nimg"])
+        self.counters.steps = int(c["steps"])
+        self.counters.nonfinite_steps = int(c["nonfinite_steps"])
+
+
+@torch.no_grad()
+def _broadcast_params(params: list[nn.Parameter], src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s weights (one flat broadcast)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    dist.broadcast(flat, src=src)
+    torch._foreach_copy_(params, [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)])
