@@ -3,6 +3,8 @@
 Prints one JSON line per resolution: seconds for the SWD of N fake vs N real images (pyramids, descriptors,
 512 projections per level, W1), excluding the time spent rendering the images, which are streamed in
 batches from the synthetic dataset (two disjoint samples), and the process's peak RSS so far (MB).
+cpu_seconds (user + system time of the process, rendering included) is the steadier figure on a shared
+machine: wall time there depends on what else runs.
 """
 
 from __future__ import annotations
@@ -43,10 +45,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run_swd_bench(images: int, resolution: int, *, device: str = "cpu", batch: int = 256,
                   seed: int = 0) -> dict[str, Any]:
     """Time one SWD of `images` vs `images` synthetic images at `resolution` (both streamed)."""
     clock = [0.0]
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     result = swd(_render(0, images, resolution, batch, clock), _render(images, images, resolution, batch, clock),
                  seed=seed, device=device)
@@ -55,7 +63,8 @@ def run_swd_bench(images: int, resolution: int, *, device: str = "cpu", batch: i
     total = time.perf_counter() - t0
     return {"bench": "swd", "images": images, "resolution": resolution, "device": device,
             "threads": torch.get_num_threads(), "seconds": round(total - clock[0], 2),
-            "render_seconds": round(clock[0], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "render_seconds": round(clock[0], 2), "cpu_seconds": round(cpu_seconds() - cpu0, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "storage": result["storage"], "swd_x1e3_avg": round(result["avg"], 4)}
 
 

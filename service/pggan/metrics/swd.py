@@ -63,7 +63,6 @@ def pyr_up(x: torch.Tensor) -> torch.Tensor:
     odd outputs (s[k] + s[k+1]) / 2, where reflect-101 in the upsampled grid means s[-1] = s[1] on the
     left and s[n] = s[n-1] on the right (as cv2 does).
     """
-    n, c, h, w = x.shape
 
     def up_axis(t: torch.Tensor, dim: int) -> torch.Tensor:
         size = t.shape[dim]
@@ -80,7 +79,7 @@ def pyr_up(x: torch.Tensor) -> torch.Tensor:
 def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """Laplacian pyramid, finest first: levels-1 band-pass images and the coarsest Gaussian image.
 
-    x: [N, C, H, W] (any real dtype; uint8 images are taken as values 0..255) -> list of float32
+    x: [N, C, H, W] (uint8 images are taken as values 0..255) -> list of float32 (float64 for float64 input)
     [N, C, H / 2^i, W / 2^i]. :func:`reconstruct` inverts it.
     """
     g = x.float() if x.dtype != torch.float64 else x
