@@ -54,6 +54,19 @@ def swd_of(cfg: RunConfig, storage: Storage, G: torch.nn.Module, data_url: str, 
     return swd(reals, fakes, seed=cfg.run.seed)
 
 
+def swd_floor(cfg: RunConfig, storage: Storage, run_url: str, data_url: str, resolution: int) -> dict[str, Any]:
+    """The real-vs-real SWD at a resolution (two disjoint real samples), cached in the run directory."""
+    from .data import load_images
+    from .metrics.swd import cached_swd_noise_floor
+
+    top = cfg.data.resolution or cfg.model.max_resolution
+    return cached_swd_noise_floor(
+        join(run_url, "swd_floor"), storage, dataset=data_url, resolution=resolution, num_images=cfg.metrics.swd_images,
+        seed=cfg.run.seed,
+        load_reals=lambda count: load_images(data_url, storage, resolution, count, seed=cfg.run.seed + 3,
+                                             synthetic_images=cfg.data.synthetic_images, max_resolution=top))
+
+
 def append_metrics(storage: Storage, run_url: str, records: list[dict[str, Any]]) -> None:
     """Append records to the run's metric history (JSON lines)."""
     if not records:
@@ -86,6 +99,7 @@ def evaluate_stage(cfg: RunConfig, storage: Storage, run_url: str, stage: Stage,
     if cfg.metrics.swd_images and stage.resolution >= 8 and (
             cfg.metrics.swd_every_stage or stage.index == cfg_last_index(cfg)):  # 7x7 patches need >= 8x8
         record["swd"] = swd_of(cfg, storage, G, data_url, stage.resolution, alpha)
+        record["swd_floor"] = swd_floor(cfg, storage, run_url, data_url, stage.resolution)
     record["eval_seconds"] = time.perf_counter() - t0
     return record
 
@@ -120,6 +134,11 @@ def swd_table(records: list[dict[str, Any]]) -> str:
         vals = r["swd"]["swd_x1e3"]
         cells = "".join(f"{vals[str(lv)]:9.2f}" if str(lv) in vals else f"{'':>9}" for lv in levels)
         lines.append(f"{name:<18}{r['resolution']:>6}{cells}{r['swd']['avg']:9.2f}")
+    last_floor = next((r for r in reversed(rows) if r.get("swd_floor")), None)
+    if last_floor:
+        vals = last_floor["swd_floor"]["swd_x1e3"]
+        cells = "".join(f"{vals[str(lv)]:9.2f}" if str(lv) in vals else f"{'':>9}" for lv in levels)
+        lines.append(f"{'real vs real':<18}{last_floor['resolution']:>6}{cells}{last_floor['swd_floor']['avg']:9.2f}")
     base = next((r for r in rows if r.get("event") == "baseline"), None)
     last = next((r for r in reversed(rows) if r.get("event") == "stage_end"
                  and base and r["resolution"] == base["resolution"]), None)
