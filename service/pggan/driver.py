@@ -112,6 +112,11 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
 
         runtime_env["py_modules"] = [os.path.dirname(pggan.__file__)]
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and "://" not in address and ":" in address:
+        # Ray Train's placement-group cleaner (a detached actor) finds the state API from RAY_ADDRESS, else by
+        # guessing from local processes, which fails where several clusters share a machine: its monitor thread
+        # dies and the actor stays alive after a stopped or killed run.
+        runtime_env["env_vars"] = {**env, "RAY_ADDRESS": address}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -269,11 +274,11 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
     except KeyboardInterrupt:  # Stopped, or the KeyboardInterrupt ray.get raises for it
         _best_effort(lambda: set_state("stopped", None, note="stopped on request; start the same command again "
                                                              "to resume"))
-        _best_effort(save_ticks)  # after the state: `ray job stop` allows a few seconds before SIGKILL
+        _best_effort(save_ticks, "the metric history")  # after the state: `ray job stop` allows a few seconds before SIGKILL
         say("stopped; start the same command again to resume from the last checkpoint")
         return 130
     except _StageFailed as e:
-        _best_effort(save_ticks)  # the failing stage's ticks (non-finite counts, checkpoint retries) are history too
+        _best_effort(save_ticks, "the metric history")  # the failing stage's ticks (non-finite counts, checkpoint retries) are history too
         _best_effort(lambda: set_state("failed", e.stage, note=e.message))
         print(f"error: {e.message}", file=sys.stderr, flush=True)
         return 1
@@ -300,8 +305,10 @@ class _StageFailed(Exception):
             detail += ("; storage stayed unavailable past storage.retry_max_wait_s. Nothing half-written counts as "
                        "a checkpoint: run the same command again when storage is back")
         elif "WorkerGroupStartupTimeout" in type(root).__name__ or "start" in text.lower() and "timeout" in text.lower():
-            detail += (f"; the cluster could not place the workers within cluster.start_timeout_s: ask for fewer "
-                       "workers (cluster.num_workers), fewer CPUs/GPUs per worker, or a bigger cluster")
+            # Ray's message goes on to suggest its own environment variable: keep its first sentence only.
+            detail = detail.split(". ")[0].rstrip(".") + (
+                "; the cluster could not place the workers within cluster.start_timeout_s: ask for fewer "
+                "workers (cluster.num_workers), fewer CPUs/GPUs per worker, or a bigger cluster")
         elif not text.startswith("stage "):
             detail = f"{type(root).__name__}: {detail}"
         self.message = detail if detail.startswith("stage ") else f"stage {stage.name} failed: {detail}"
@@ -344,12 +351,12 @@ def _verified_nimg(storage: Storage, run_url: str) -> int:
     return ck.nimg if ck is not None else 0
 
 
-def _best_effort(fn: Any) -> None:
+def _best_effort(fn: Any, what: str = "the run state") -> None:
     """Record a final state if storage lets us; the exit code and message carry it otherwise."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001
-        print(f"warning: could not record the run state ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr,
+        print(f"warning: could not record {what} ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr,
               flush=True)
 
 

@@ -11,6 +11,7 @@ are handled tolerantly. Transient errors are retried with exponential backoff (:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -62,8 +63,8 @@ class Storage:
         return cls(endpoint_url=storage_cfg.endpoint_url, options=dict(storage_cfg.options),
                    retry_attempts=storage_cfg.retry_attempts, retry_max_wait_s=storage_cfg.retry_max_wait_s)
 
-    def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """(filesystem, path inside it) for a URL."""
+    def fs(self, url: str, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+        """(filesystem, path inside it) for a URL; ``fresh``: a new instance, not fsspec's cached one."""
         url = normalize(url)
         opts = dict(self.options)
         if url.startswith(("s3://", "s3a://")):
@@ -73,9 +74,11 @@ class Storage:
                 opts.setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
             opts.setdefault("config_kwargs", {"connect_timeout": 10, "read_timeout": 60,
                                               "retries": {"max_attempts": 2}})
-            # Fresh instance per call site: s3fs caches listings, which would hide other processes' writes.
-            opts.setdefault("skip_instance_cache", True)
+            # Listings are never cached, so other processes' writes stay visible.
             opts.setdefault("use_listings_cache", False)
+            if not fresh and "skip_instance_cache" not in opts:
+                return _reused_s3(url, opts)
+            opts.setdefault("skip_instance_cache", True)
         return url_to_fs(url, **opts)
 
     # ---- small, retried operations -------------------------------------------------------------
@@ -161,13 +164,46 @@ class Storage:
         """Fail early with a clear message when the bucket is missing or credentials are absent or wrong."""
         probe = join(url, f".write-probe-{os.getpid()}-{random.randrange(1 << 30)}")
         try:
-            fs, path = self.fs(probe)
+            fs, path = self.fs(probe, fresh=True)  # the environment's credentials as they are now
             if "file" in _protocols(fs):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             fs.pipe_file(path, b"ok")
             fs.rm(path)
         except Exception as e:  # noqa: BLE001 - translated into one actionable message
             raise UserError(explain_storage_error(url, e)) from None
+
+
+# One S3 client per process, options and credentials in the environment: a new client per call reloads botocore's
+# service model and credentials, 0.2-0.5 s per operation and seconds per checkpoint. Threads share it (fsspec runs
+# every sync call on its one IO loop). Keyed on the credential variables (hashed), so a changed environment gets a
+# new client as it did before.
+_S3_CLIENTS: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
+def _reused_s3(url: str, opts: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    creds = hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CREDENTIAL_VARS).encode()).hexdigest()
+    key = (os.getpid(), json.dumps(opts, sort_keys=True, default=str), creds)
+    fs = _S3_CLIENTS.get(key)
+    if fs is None:
+        fs = _S3_CLIENTS[key] = url_to_fs(url, skip_instance_cache=True, **opts)[0]
+        _quiet_reset_uploads()
+    return fs, fs._strip_protocol(url)
+
+
+def _quiet_reset_uploads() -> None:
+    """When a connection is reset mid-request, aiohttp leaves the task writing the request body unretrieved and
+    asyncio prints its traceback ("Task exception was never retrieved"), although the request's own error is
+    raised, retried and reported. Drop just those, on fsspec's IO loop (where every S3 call runs)."""
+    import fsspec.asyn
+
+    def handler(loop: Any, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), ConnectionResetError) and "never retrieved" in context.get("message", ""):
+            return
+        loop.default_exception_handler(context)
+
+    fsspec.asyn.get_loop().set_exception_handler(handler)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -184,7 +220,12 @@ def explain_storage_error(url: str, e: BaseException) -> str:
     if "nocredentials" in low or "unable to locate credentials" in low or "credentials" in low and "not" in low:
         return (f"storage {url}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or a role) in the environment")
-    if "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "accessdenied" in low or "forbidden" in low:
+    # s3fs turns S3's error codes into PermissionError with only the message, e.g. "The AWS Access Key Id you
+    # provided does not exist in our records." (InvalidAccessKeyId) or "The request signature we calculated does
+    # not match ..." (SignatureDoesNotMatch): match the messages as well as the codes.
+    if any(k in low for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied",
+                              "forbidden", "access key id you provided", "signature we calculated",
+                              "security token", "expiredtoken", "invalidtoken")):
         return (f"storage {url}: access denied; check the credentials in the environment "
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the bucket policy")
     if isinstance(e, (ConnectionError, TimeoutError)) or "connect" in low or "endpoint" in low:

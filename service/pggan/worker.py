@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_latest, prune, save_checkpoint
 from .config import RunConfig, from_json
 from .schedule import Stage, lr_at, stages, total_nimg
-from .storage import Storage
+from .storage import Storage, StorageUnavailable
 
 
 def stage_job(cfg: RunConfig, stage_index: int, run_url: str, data_url: str) -> dict[str, Any]:
@@ -118,7 +118,12 @@ def _setup_device(cfg: RunConfig) -> torch.device:
 def train_stage(job: dict[str, Any]) -> None:
     """Ray Train entry point: train stage ``job['stage_index']`` to its end (or resume it)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no INFO line per report
-    _StageRun(job).run()
+    try:
+        _StageRun(job).run()
+    except StorageUnavailable as e:
+        # Past the retry budget. Ray logs the error with its traceback on every rank: without the storage client's
+        # chain of connection errors (a hundred lines) the message still says what, how often and the last error.
+        raise StorageUnavailable(str(e)) from None
 
 
 class _StageRun:

@@ -6,6 +6,13 @@ Equalized learning rate: weights are stored as N(0, 1) and multiplied at run tim
 or the input (``conv(x, s*w) == conv(s*x, w)``): for convolutions that is the weight (a few hundred
 thousand numbers instead of millions of activations), for the first dense layer of G at small batch
 it is the input. Biases start at zero and are not scaled.
+
+Fused resampling (official upscale2d_conv2d / conv2d_downscale2d): the 3x3 weights stay the parameters;
+the 4x4 kernel of the stride-2 (transposed) convolution is derived from them on every call by one small
+matmul with a fixed [9, 16] matrix (pad-and-shift chains of tiny ops cost more than they save on CPU).
+
+D's convolutions run through :func:`conv2d` with ``fast_double_backward``: the gradient penalty
+differentiates D's backward, and PyTorch's generic double backward of a convolution is slow on CPU.
 """
 
 from __future__ import annotations
@@ -110,6 +117,7 @@ def conv2d(x: torch.Tensor,
            padding: int = 0,
            fast_double_backward: bool = False,  # see _Conv2dFastDoubleBackward (D, for the gradient penalty)
            ) -> torch.Tensor:
+    """F.conv2d, optionally with a backward that is cheap to differentiate (same values and gradients)."""
     if fast_double_backward and torch.is_grad_enabled():
         return _Conv2dFastDoubleBackward.apply(x, w, b, stride, padding)
     return F.conv2d(x, w, b, stride, padding)
