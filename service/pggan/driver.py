@@ -274,11 +274,13 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
     except KeyboardInterrupt:  # Stopped, or the KeyboardInterrupt ray.get raises for it
         _best_effort(lambda: set_state("stopped", None, note="stopped on request; start the same command again "
                                                              "to resume"))
-        _best_effort(save_ticks, "the metric history")  # after the state: `ray job stop` allows a few seconds before SIGKILL
+        # The ticks after the state: `ray job stop` allows a few seconds before its SIGKILL.
+        _best_effort(save_ticks, "the metric history")
         say("stopped; start the same command again to resume from the last checkpoint")
         return 130
     except _StageFailed as e:
-        _best_effort(save_ticks, "the metric history")  # the failing stage's ticks (non-finite counts, checkpoint retries) are history too
+        # The failing stage's ticks (non-finite counts, checkpoint retries) are history too.
+        _best_effort(save_ticks, "the metric history")
         _best_effort(lambda: set_state("failed", e.stage, note=e.message))
         print(f"error: {e.message}", file=sys.stderr, flush=True)
         return 1

@@ -199,7 +199,8 @@ def _quiet_reset_uploads() -> None:
     import fsspec.asyn
 
     def handler(loop: Any, context: dict[str, Any]) -> None:
-        if isinstance(context.get("exception"), ConnectionResetError) and "never retrieved" in context.get("message", ""):
+        exc, message = context.get("exception"), context.get("message", "")
+        if isinstance(exc, ConnectionResetError) and "never retrieved" in message:
             return
         loop.default_exception_handler(context)
 

@@ -132,18 +132,22 @@ def bench_step(args: argparse.Namespace) -> int:
                           no_grad_fakes=not getattr(args, "grad_fakes", False),
                           freeze_d_in_g_step=not getattr(args, "no_freeze_d", False),
                           fused_adam=False if getattr(args, "no_fused_adam", False) else None)
+    resolutions = args.resolution or [4, 8, 16, 32, 64]
+    bad = [r for r in resolutions if r not in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]
+    if bad:
+        raise UserError(f"--resolution {bad[0]}: must be a power of two in 4..1024")
     try:
-        model = ModelSection(max_resolution=max(args.resolution or [4]),
+        model = ModelSection(max_resolution=max(resolutions),
                              latent_size=args.latent_size,
                              fmap_base=args.fmap_base,
                              fmap_max=args.fmap_max,
                              fused_scale=not args.no_fused)
-    except ValueError as e:
-        raise UserError(f"bad model arguments: {e}") from None
+    except ValueError as e:  # pydantic's ValidationError
+        errors = getattr(e, "errors", lambda: [])()
+        raise UserError("bad model arguments: " + "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in errors)
+                        if errors else f"bad model arguments: {e}") from None
     loss = LossSection(kind=args.loss)
-    for res in args.resolution or [4, 8, 16, 32, 64]:
-        if res not in (4, 8, 16, 32, 64, 128, 256, 512, 1024):
-            raise UserError(f"--resolution {res}: must be a power of two in 4..1024")
+    for res in resolutions:
         rec = run_step_bench(res, args.batch, model, loss, options, device=args.device, steps=args.steps,
                              warmup=args.warmup, scale_mode=getattr(args, "scale_mode", "operand"),
                              count_flops=not getattr(args, "no_flops", False))
