@@ -40,6 +40,15 @@ def _check_res_keys(d: dict[int, Any]) -> dict[int, Any]:
     return d
 
 
+def _positive_per_res(d: dict[int, float]) -> dict[int, float]:
+    """A per-resolution mapping with power-of-two keys and positive, finite values."""
+    _check_res_keys(d)
+    for res, x in d.items():
+        if not (x > 0 and math.isfinite(x)):
+            raise ValueError(f"value for {res} must be a positive number, got {x}")
+    return d
+
+
 class RunSection(_Section):
     """Identity of the run: its directory name under storage.url and its random seed."""
 
@@ -142,11 +151,7 @@ class ScheduleSection(_Section):
     @field_validator("fade_kimg_dict", "stable_kimg_dict", "lr_dict")
     @classmethod
     def _positive(cls, v: dict[int, float]) -> dict[int, float]:
-        _check_res_keys(v)
-        for res, x in v.items():
-            if not (x > 0 and math.isfinite(x)):
-                raise ValueError(f"value for {res} must be a positive number, got {x}")
-        return v
+        return _positive_per_res(v)
 
     @field_validator("minibatch_dict")
     @classmethod
@@ -238,11 +243,7 @@ class MetricsSection(_Section):
     @field_validator("tick_kimg_dict")
     @classmethod
     def _ticks(cls, v: dict[int, float]) -> dict[int, float]:
-        _check_res_keys(v)
-        for res, x in v.items():
-            if not (x > 0 and math.isfinite(x)):
-                raise ValueError(f"tick for {res} must be a positive number, got {x}")
-        return v
+        return _positive_per_res(v)
 
     def tick_nimg(self, res: int) -> int:
         return max(round(self.tick_kimg_dict.get(res, self.tick_kimg) * 1000), 1)
