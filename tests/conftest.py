@@ -78,6 +78,17 @@ def s3_bucket(s3_server, request):
     yield s3_server, name
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core machine torch's pool is ~10x slower oversubscribed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def have_binary(name: str) -> bool:
     return shutil.which(name) is not None
 

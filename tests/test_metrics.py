@@ -12,13 +12,7 @@ from pggan.metrics import laplacian_pyramid, reconstruct, swd, wasserstein1
 from pggan.metrics.swd import directions, patch_positions, pyr_down, pyr_up, swd_levels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Other test runs share this machine's cores; torch's intra-op pool is ~10x slower when oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- procedural "real" images --------------------------------------------------------------------------------

@@ -17,13 +17,7 @@ from pggan.metrics import cached_swd_noise_floor, swd, swd_noise_floor
 from pggan.storage import Storage
 from test_metrics import blurred, shapes
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Other test runs share this machine's cores; torch's intra-op pool is ~10x slower when oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -15,13 +15,7 @@ from pggan.metrics.msssim import gaussian_window, pair_indices
 WEIGHTS = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Other test runs share this machine's cores; torch's intra-op pool is ~10x slower when oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
