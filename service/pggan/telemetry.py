@@ -53,7 +53,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "pggan_swd_x1e3": ("gauge", "Sliced Wasserstein distance x1e3 of G_ema at the last evaluation, per Laplacian level (level=<res>) and level=avg."),
     "pggan_checkpoint_last_success_timestamp_seconds": ("gauge", "Unix time of the last checkpoint completely written."),
     "pggan_checkpoint_duration_seconds": ("histogram", "Time to write a checkpoint that succeeded."),
-    "pggan_checkpoint_failures_total": ("counter", "Checkpoint writes that failed."),
+    "pggan_checkpoint_failures_total": ("counter", "Failed checkpoint write attempts (retried or final)."),
     "pggan_worker_restarts_total": ("counter", "Ray Train worker-group restarts."),
     "pggan_nonfinite_steps_total": ("counter", "Training steps skipped because a loss or gradient was not finite."),
 }
