@@ -12,7 +12,6 @@ are handled tolerantly. Transient errors are retried with exponential backoff (:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -121,11 +120,6 @@ class Storage:
 
     def write_json(self, url: str, obj: Any, on_retry: Callable[[int, BaseException], None] | None = None) -> None:
         self.write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode(), on_retry=on_retry)
-
-    def append_line(self, url: str, line: str) -> None:
-        """Append one line to a text object (read-modify-write on object stores; fine for small histories)."""
-        old = self.read_bytes(url) if self.exists(url) else b""
-        self.write_bytes(url, old + line.rstrip("\n").encode() + b"\n")
 
     def listdir(self, url: str) -> list[str]:
         """Names (not paths) directly under a prefix; [] if it does not exist. Ignores directory markers."""
@@ -264,7 +258,3 @@ def retry(what: str, fn: Callable[[], T], attempts: int = 8, max_wait_s: float =
 
 class StorageUnavailable(RuntimeError):
     """Storage kept failing past the retry budget (storage.retry_attempts / storage.retry_max_wait_s)."""
-
-
-def bytes_io(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)
