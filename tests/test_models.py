@@ -250,6 +250,25 @@ def test_minibatch_stddev_matches_a_hand_computation(n, group_size, g):
         torch.testing.assert_close(y[i, 3], torch.full((2, 2), expected, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n, group_size", [(8, 4), (6, 4), (4, 2)])
+def test_minibatch_stddev_segments_are_independent_minibatches(n, group_size):
+    torch.manual_seed(4)
+    a, b = torch.randn(n, 3, 2, 2, dtype=torch.float64), torch.randn(n, 3, 2, 2, dtype=torch.float64)
+    layer = MinibatchStdDev(group_size)
+    torch.testing.assert_close(layer(torch.cat([a, b]), segments=2), torch.cat([layer(a), layer(b)]))
+    # Without segments the groups mix the two halves: a different statistic.
+    assert not torch.allclose(layer(torch.cat([a, b]))[:n, 3], layer(a)[:, 3])
+
+
+def test_discriminator_scores_two_segments_as_two_separate_passes():
+    torch.manual_seed(5)
+    d = Discriminator(max_resolution=16, fmap_base=64, fmap_max=16).double()
+    reals, fakes = torch.randn(2, 8, 3, 16, 16, dtype=torch.float64).unbind(0)
+    for alpha in (0.3, 1.0):
+        both = d(torch.cat([reals, fakes]), 16, alpha, segments=2)
+        torch.testing.assert_close(both, torch.cat([d(reals, 16, alpha), d(fakes, 16, alpha)]))
+
+
 def test_discriminator_without_mbstd_has_no_extra_channel():
     d = Discriminator(max_resolution=8, fmap_base=32, fmap_max=4, mbstd_group_size=0)
     assert d.blocks["4"].mbstd is None and d.blocks["4"].conv.weight.shape[1] == 4

@@ -59,6 +59,8 @@ def test_ray_job_submit_trains_every_stage_on_s3_then_is_complete_then_resumes_a
     out = _submit(ray_cluster, cfg_file)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-6000:]
+    assert "] res    4 alpha" in log              # the workers' progress lines reach the job's log ...
+    assert "Reporting training result" not in log  # ... without Ray Train's INFO line per report
     state = json.loads(fs.cat_file(f"{run}/run_state.json"))
     assert state["state"] == "completed"
     stage_names = ["00-4-stable", "01-8-fade", "02-8-stable", "03-16-fade", "04-16-stable"]

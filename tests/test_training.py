@@ -278,7 +278,7 @@ def test_state_dict_loads_with_weights_only_and_resumes_exactly():
 def test_speed_levers_do_not_change_the_math():
     reference = _trainer()
     variants = [_trainer(options=StepOptions(no_grad_fakes=False, freeze_d_in_g_step=False,
-                                             fused_adam=False, channels_last=False))]
+                                             fused_adam=False, channels_last=False, one_d_pass=False))]
     scaled = _trainer(options=StepOptions(channels_last=True))
     for net in (scaled.G, scaled.D, scaled.G_ema):
         for m in net.modules():

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Step-benchmark levers, each off what the trainer does by default (to measure its effect).
     p.add_argument("--grad-fakes", action="store_true", help="step: build G's graph for the D step's fakes")
     p.add_argument("--no-freeze-d", action="store_true", help="step: compute D's weight grads in the G step")
+    p.add_argument("--two-d-passes", action="store_true", help="step: score reals and fakes in two D passes, not one")
     p.add_argument("--no-fused-adam", action="store_true", help="step: foreach Adam instead of fused")
     p.add_argument("--scale-mode", default="operand", choices=["operand", "output"],
                    help="step: equalized-lr scale on the weight/input (operand) or on the output activations")

@@ -115,9 +115,18 @@ def _setup_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _quiet_ray_train_loggers() -> None:
+    """No INFO line per report ("Reporting training result ..."): Ray Train v2 logs it from a logger named by
+    its source file's path, not by module, so the "ray.train" logger's level does not reach it."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in list(logging.Logger.manager.loggerDict):
+        if "ray/train" in name.replace("\\", "/"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_stage(job: dict[str, Any]) -> None:
     """Ray Train entry point: train stage ``job['stage_index']`` to its end (or resume it)."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no INFO line per report
+    _quiet_ray_train_loggers()
     try:
         _StageRun(job).run()
     except StorageUnavailable as e:

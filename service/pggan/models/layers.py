@@ -323,16 +323,21 @@ class MinibatchStdDev(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, C+1, H, W]
+    def forward(self,
+                x: torch.Tensor,    # [N, C, H, W]
+                segments: int = 1,  # N is this many independent minibatches, back to back (groups stay inside one)
+                ) -> torch.Tensor:  # [N, C+1, H, W]
         n, c, h, w = x.shape
-        g = mbstd_group(self.group_size, n)
-        y = x.reshape(g, n // g, c, h, w)                         # [G, M, C, H, W]
+        per = n // segments
+        assert per * segments == n, f"batch {n} does not split into {segments} equal minibatches"
+        g = mbstd_group(self.group_size, per)
+        y = x.reshape(segments, g, per // g, c, h, w)             # [S, G, M, C, H, W]
         if y.dtype not in (torch.float32, torch.float64):
             y = y.float()                                         # statistics in fp32 under bf16 autocast
-        y = y - y.mean(dim=0, keepdim=True)
-        y = torch.sqrt(y.square().mean(dim=0) + self.eps)         # [M, C, H, W] population std
-        y = y.mean(dim=(1, 2, 3)).to(x.dtype)                     # [M]
-        y = y.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w)       # [N, 1, H, W]: sample n gets y[n % M]
+        y = y - y.mean(dim=1, keepdim=True)
+        y = torch.sqrt(y.square().mean(dim=1) + self.eps)         # [S, M, C, H, W] population std
+        y = y.mean(dim=(2, 3, 4)).to(x.dtype)                     # [S, M]
+        y = y.repeat(1, g).view(n, 1, 1, 1).expand(n, 1, h, w)    # [N, 1, H, W]: sample n of a segment gets y[n % M]
         return torch.cat([x, y], dim=1)
 
     def extra_repr(self) -> str:

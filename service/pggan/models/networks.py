@@ -187,9 +187,9 @@ class DFinalBlock(nn.Module):
         self.dense0 = EqualizedLinear(channels * 16, dense_channels)
         self.dense1 = EqualizedLinear(dense_channels, 1, gain=1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, 4, 4] -> [N]
+    def forward(self, x: torch.Tensor, segments: int = 1) -> torch.Tensor:  # [N, C, 4, 4] -> [N]
         if self.mbstd is not None:
-            x = self.mbstd(x)                                     # [N, C+1, 4, 4]
+            x = self.mbstd(x, segments)                           # [N, C+1, 4, 4]
         x = lrelu(self.conv(x))                                   # [N, C, 4, 4]
         x = lrelu(self.dense0(x.flatten(1)))                      # [N, C0]; NCHW order as the official flatten
         return self.dense1(x).squeeze(1)                          # [N]
@@ -216,7 +216,13 @@ class Discriminator(nn.Module):
         self.from_rgb = nn.ModuleDict({str(r): EqualizedConv2d(IMG_CHANNELS, ch[r], 1, fast_double_backward=True)
                                        for r in res_list})
 
-    def forward(self, img: torch.Tensor, res: int, alpha: float = 1.0) -> torch.Tensor:
+    def forward(self,
+                img: torch.Tensor,  # [N, 3, res, res]
+                res: int,
+                alpha: float = 1.0,
+                segments: int = 1,  # img is this many independent minibatches back to back (minibatch stddev
+                                    # groups stay inside each): one pass scores reals and fakes as two passes would
+                ) -> torch.Tensor:  # [N]
         _check_res(res, self.max_resolution)
         assert img.shape[1:] == (IMG_CHANNELS, res, res), f"images {tuple(img.shape)} are not 3x{res}x{res}"
         x = lrelu(self.from_rgb[str(res)](img))                   # [N, C(res), res, res]
@@ -231,7 +237,7 @@ class Discriminator(nn.Module):
                 x = self.blocks[str(r)](x)
                 r //= 2
         # x: [N, C4, 4, 4]
-        return self.blocks["4"](x)
+        return self.blocks["4"](x, segments)
 
 
 def build_networks(model_cfg: "ModelSection") -> tuple[Generator, Discriminator]:

@@ -103,6 +103,7 @@ def run_step_bench(res: int,
         "scale_mode": scale_mode,
         "no_grad_fakes": options.no_grad_fakes,
         "freeze_d_in_g_step": options.freeze_d_in_g_step,
+        "one_d_pass": options.one_d_pass,
         "fused_adam": options.fused_adam is not False,
         "loss": loss.kind,
         "fmap_base": model.fmap_base,
@@ -131,6 +132,7 @@ def bench_step(args: argparse.Namespace) -> int:
                           compile=args.compile,
                           no_grad_fakes=not getattr(args, "grad_fakes", False),
                           freeze_d_in_g_step=not getattr(args, "no_freeze_d", False),
+                          one_d_pass=not getattr(args, "two_d_passes", False),
                           fused_adam=False if getattr(args, "no_fused_adam", False) else None)
     resolutions = args.resolution or [4, 8, 16, 32, 64]
     bad = [r for r in resolutions if r not in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]

@@ -4,8 +4,8 @@
 
 1. noise: latents and gradient-penalty mixing factors, drawn on the device from a generator seeded by
    (run seed, rank, step), so a resumed run draws exactly what an uninterrupted one would;
-2. D step: G(z) under no_grad, per-sample D loss (WGAN-GP + drift or LSGAN), backward, gradient sync,
-   finiteness check, Adam;
+2. D step: G(z) under no_grad, reals and fakes scored in one D pass (two independent minibatches), per-sample
+   D loss (WGAN-GP + drift or LSGAN), backward, gradient sync, finiteness check, Adam;
 3. G step: D's parameters frozen (no weight gradients computed for D), per-sample G loss, backward,
    sync, check, Adam;
 4. G_ema update (half-life in images).
@@ -67,6 +67,8 @@ class StepOptions:
     compile: bool = False             # torch.compile G, and D where no double backward runs through it
     no_grad_fakes: bool = True        # D step: G(z) under no_grad (else G's graph is built and dropped)
     freeze_d_in_g_step: bool = True   # G step: D.requires_grad_(False) (else D's weight grads are computed)
+    one_d_pass: bool = True           # D step: reals and fakes scored in one D pass of 2N (minibatch-stddev
+                                      # groups kept within each half), not two passes of N
     fused_adam: bool | None = None    # None: fused Adam where torch has it (CPU and CUDA float params)
 
 
@@ -275,8 +277,9 @@ class GanTrainer:
                     fakes = self._G_nograd(noise.z_d, res, alpha)  # [N, 3, res, res]
             else:
                 fakes = self._G_train(noise.z_d, res, alpha).detach()
+            pair = (lambda x: self._D_scores(x, res, alpha, segments=2)) if self.opts.one_d_pass else None
             terms = self.loss.d_loss(lambda x: self._D_scores(x, res, alpha), reals, fakes, noise.mix,
-                                     gp_score_fn=lambda x: self._D_train(x, res, alpha))
+                                     gp_score_fn=lambda x: self._D_train(x, res, alpha), pair_score_fn=pair)
             loss = terms.loss.sum() * loss_scale
         loss.backward()
         ok = self._reduce_grads(self.D)
