@@ -105,3 +105,51 @@ def test_ray_job_submit_trains_every_stage_on_s3_then_is_complete_then_resumes_a
     assert trained3[0]["nimg"] == total  # resumed where the first run ended, not from scratch
     assert f"resuming at {total / 1000:.1f} kimg" in log
     assert f"ckpt-{768:012d}" in [p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoints")]
+
+
+def test_ctrl_c_on_a_local_run_marks_it_stopped_and_leaves_no_ray_process(tmp_path):
+    """`python service/launch.py` with Ray started in-process, Ctrl-C (SIGINT to the terminal's process group)
+    mid-stage: exit 130, run_state "stopped" with the resume hint, and the local Ray processes gone."""
+    import os
+    import signal
+    import time
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["run"]["name"] = "ctrl-c"
+    cfg["storage"] = {"url": str(tmp_path / "runs")}
+    cfg["schedule"]["stable_kimg_dict"] = {4: 50}          # long enough to be interrupted mid-stage
+    cfg["cluster"].update(num_workers=1, cpus_per_worker=1)
+    cfg["metrics"].update(swd_images=0, tick_kimg=0.032)
+    cfg_file = tmp_path / "ctrl-c.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "service/launch.py", "--config", str(cfg_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the first progress line: the stage is training
+            lines.append(line)
+            if "[00-4-stable] res    4" in line or time.monotonic() > deadline:
+                break
+        assert any("[00-4-stable] res    4" in x for x in lines), "".join(lines)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(lines) + rest
+    assert proc.returncode == 130, log[-3000:]
+    assert "stopped; start the same command again to resume" in log
+    state = json.loads((tmp_path / "runs" / "ctrl-c" / "run_state.json").read_text())
+    assert state["state"] == "stopped" and state["stage"] == "00-4-stable"
+    deadline = time.monotonic() + 30  # Ray's own processes (same session) end with the driver
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("processes of the interrupted run's session are still alive")

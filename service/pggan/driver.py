@@ -7,12 +7,13 @@ config.json, run_state.json, checkpoints, snapshots, sample grids, metrics.jsonl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import ray  # 1. Ray core: init / shutdown
 import ray.train  # 2. Ray Train: ScalingConfig, RunConfig, FailureConfig
@@ -122,8 +123,24 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
     else:
         # The dashboard serves the state API Ray Train's placement-group cleaner polls; a free port, since
         # another cluster may hold 8265.
-        ray.init(runtime_env=runtime_env, dashboard_port=_free_port(), log_to_driver=True,
-                 logging_level="WARNING", configure_logging=True)
+        # Ctrl-C goes to the terminal's whole process group: the local Ray processes started here would die
+        # with it, and the driver's Ray client exits the process at once when its raylet is gone, before the
+        # run can be marked stopped. They start with SIGINT ignored (inherited); the driver keeps its handler.
+        with _sigint_ignored():
+            ray.init(runtime_env=runtime_env, dashboard_port=_free_port(), log_to_driver=True,
+                     logging_level="WARNING", configure_logging=True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _free_port() -> int:
@@ -166,7 +183,33 @@ def fit_stage(cfg: RunConfig, stage: Stage, run_url: str, data_url: str, hub: An
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # no per-report INFO lines
         ),
     )
-    trainer.fit()  # 3. Ray Train: blocks until the stage ends (worker restarts happen inside)
+    _fit(trainer)
+
+
+def _fit(trainer: TorchTrainer) -> None:
+    """trainer.fit(), blocking until the stage ends (worker restarts happen inside).
+
+    From the main thread, fit runs in a helper thread: in the main thread Ray Train installs its own SIGINT
+    handler, which aborts the run and exits the process (sys.exit(0)) before the driver can mark it stopped.
+    The main thread waits in short joins, so the driver's SIGINT/SIGTERM handlers run at once (they raise
+    Stopped here); the abandoned fit ends with the process, whose Ray actors die with their owner."""
+    if threading.current_thread() is not threading.main_thread():
+        trainer.fit()  # 3. Ray Train (in a Tune trial's thread: no handler of its own)
+        return
+    outcome: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            trainer.fit()  # 3. Ray Train
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    t = threading.Thread(target=target, name="pggan-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 # ---- the state machine -------------------------------------------------------------------------------
@@ -241,7 +284,9 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
                 try:
                     fit_stage(cfg, stage, run_url, data_url, hub, trial)
                 except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report them plainly
-                    if stop.is_set():
+                    # Ctrl-C reaches the local Ray processes too: their failure may surface here before this
+                    # thread has run the SIGINT handler. A short wait lets a pending handler run (it raises).
+                    if stop.is_set() or stop.wait(1.0):
                         raise Stopped() from None
                     raise _StageFailed(stage, e) from None
                 save_ticks()
