@@ -121,13 +121,14 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # The dashboard serves the state API Ray Train's placement-group cleaner polls; a free port, since
-        # another cluster may hold 8265.
+        # address="local": a new cluster in-process, also where `ray start` left one on this machine (Ray would
+        # connect to that one otherwise). The dashboard serves the state API Ray Train's placement-group cleaner
+        # polls; a free port, since another cluster may hold 8265.
         # Ctrl-C goes to the terminal's whole process group: the local Ray processes started here would die
         # with it, and the driver's Ray client exits the process at once when its raylet is gone, before the
         # run can be marked stopped. They start with SIGINT ignored (inherited); the driver keeps its handler.
         with _sigint_ignored():
-            ray.init(runtime_env=runtime_env, dashboard_port=_free_port(), log_to_driver=True,
+            ray.init(address="local", runtime_env=runtime_env, dashboard_port=_free_port(), log_to_driver=True,
                      logging_level="WARNING", configure_logging=True)
 
 
