@@ -50,7 +50,6 @@ BAD = [
     ("schedule.start_resolution=64", "schedule.start_resolution"),  # above demo's max 32
     ("schedule.start_resolution=3", "schedule.start_resolution"),
     ("schedule.lr_base=-0.1", "schedule.lr_base"),
-    ("schedule.lr_dict.64=2", "schedule.lr_dict"),  # lr_base's upper bound holds per resolution too
     ("schedule.fade_kimg=0", "schedule.fade_kimg"),
     ("schedule.minibatch_dict.12=16", "schedule.minibatch_dict"),
     ("schedule.minibatch_dict.16=0", "schedule.minibatch_dict"),

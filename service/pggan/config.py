@@ -153,14 +153,6 @@ class ScheduleSection(_Section):
     def _positive(cls, v: dict[int, float]) -> dict[int, float]:
         return _positive_per_res(v)
 
-    @field_validator("lr_dict")
-    @classmethod
-    def _lr_at_most_one(cls, v: dict[int, float]) -> dict[int, float]:
-        for res, lr in v.items():
-            if lr > 1.0:
-                raise ValueError(f"learning rate for {res} must be at most 1 (as lr_base), got {lr}")
-        return v
-
     @field_validator("minibatch_dict")
     @classmethod
     def _positive_int(cls, v: dict[int, int]) -> dict[int, int]:
