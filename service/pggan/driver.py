@@ -285,9 +285,7 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
                 try:
                     fit_stage(cfg, stage, run_url, data_url, hub, trial)
                 except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report them plainly
-                    # Ctrl-C reaches the local Ray processes too: their failure may surface here before this
-                    # thread has run the SIGINT handler. A short wait lets a pending handler run (it raises).
-                    if stop.is_set() or stop.wait(1.0):
+                    if stop.is_set():
                         raise Stopped() from None
                     raise _StageFailed(stage, e) from None
                 save_ticks()

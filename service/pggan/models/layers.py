@@ -213,7 +213,19 @@ def downsample_kernel(w: torch.Tensor) -> torch.Tensor:
     return (w.reshape(o * i, 9) @ _kernel_map("down", w.device, w.dtype)).view(o, i, 4, 4)
 
 
-class UpConv2d(nn.Module):
+class _Resampling3x3(nn.Module):
+    """The parameters both resampling convolutions share: 3x3 weights ~ N(0, 1), zero biases, equalized-lr scale."""
+
+    def __init__(self, in_channels: int, out_channels: int, fused: bool, gain: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * 9)
+        self.fused = fused
+        self.scale_mode = "operand"
+
+
+class UpConv2d(_Resampling3x3):
     """Nearest 2x upsample then 3x3 conv, equalized lr. Fused: one stride-2 transposed conv with a 4x4
     kernel derived from the 3x3 weights (same result, 2.25x fewer FLOPs). The parameters are the 3x3
     conv's either way, so fused and unfused networks share checkpoints."""
@@ -224,12 +236,7 @@ class UpConv2d(nn.Module):
                  fused: bool = True,  # transposed conv instead of upsample + conv
                  gain: float = SQRT2,
                  ) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.scale = gain / math.sqrt(in_channels * 9)
-        self.fused = fused
-        self.scale_mode = "operand"
+        super().__init__(in_channels, out_channels, fused, gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in, H, W] -> [N, out, 2H, 2W]
         if self.fused:
@@ -249,7 +256,7 @@ class UpConv2d(nn.Module):
         return f"in={i}, out={o}, fused={self.fused}"
 
 
-class ConvDown2d(nn.Module):
+class ConvDown2d(_Resampling3x3):
     """3x3 conv then 2x2 average pool, equalized lr. Fused: one stride-2 conv with a 4x4 kernel (the sum
     of the four shifts of the 3x3 kernel / 4). The bias is added after the pool in both forms."""
 
@@ -260,12 +267,7 @@ class ConvDown2d(nn.Module):
                  gain: float = SQRT2,
                  fast_double_backward: bool = False,  # D: the gradient penalty differentiates its backward
                  ) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.scale = gain / math.sqrt(in_channels * 9)
-        self.fused = fused
-        self.scale_mode = "operand"
+        super().__init__(in_channels, out_channels, fused, gain)
         self.fast_double_backward = fast_double_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in, H, W] -> [N, out, H/2, W/2]
