@@ -145,7 +145,7 @@ def wait_mid_stage(run: RunDir, poller: MetricsPoller | None, life: Driver, afte
     if poller is None:
         return 0
     target = run.committed()[-1] + extra
-    return int(wait_until(lambda: (v := poller.value("pggan_images_seen_total", run.name)) is not None
+    return int(wait_until(lambda: (v := poller.value("pggan_images_seen", run.name)) is not None
                           and v >= target and v, timeout, f"{target} images seen", alive=life.alive))
 
 
@@ -282,7 +282,7 @@ def test_worker_sigkill_mid_stage_resumes_from_its_checkpoint_and_counts_images_
         pids = train_worker_pids(ray_cluster["dashboard"])
         assert len(pids) == 2, pids
         ckpt_at_kill = run.committed()[-1]
-        nimg_at_kill = int(poller.value("pggan_images_seen_total", "wkill"))
+        nimg_at_kill = int(poller.value("pggan_images_seen", "wkill"))
         t_kill = time.time()
         os.kill(pids[0], signal.SIGKILL)
         # The driver-side exporter counts the restart while the run is alive.
@@ -337,7 +337,7 @@ def test_driver_sigkill_mid_stage_then_the_same_command_resumes_from_s3_and_comp
         assert pid == life1.pid
         job1 = job_id_of(ray_cluster["dashboard"], driver_pid=pid)
         assert job1
-        nimg_at_kill = int(poller.value("pggan_images_seen_total", "dkill"))
+        nimg_at_kill = int(poller.value("pggan_images_seen", "dkill"))
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
         assert life1.wait(timeout=30) == -signal.SIGKILL

@@ -70,7 +70,7 @@ def test_a_busy_run_exposes_every_metric_with_its_declared_type():
             assert name in exposed
     # prometheus_client's parser names a counter family without _total; the sample keeps it.
     fams = families(t)
-    assert fams["pggan_images_seen_total"] == "gauge"  # set (from the checkpoint), not incremented
+    assert fams["pggan_images_seen"] == "gauge"  # set (from the checkpoint), not incremented
     assert fams["pggan_worker_restarts"] == "counter"
     assert fams["pggan_checkpoint_duration_seconds"] == "histogram"
 
@@ -149,7 +149,7 @@ def test_close_removes_a_trials_series_from_the_shared_exporter():
 def test_tick_sets_the_progress_gauges():
     t = Telemetry("r")
     t.on_tick(tick(nimg=64_000, resolution=8, stage_index=1, alpha=0.5, progress=0.5, img_per_s=1234.5, gp=0.25))
-    assert value(t, "pggan_images_seen_total", run="r") == 64_000
+    assert value(t, "pggan_images_seen", run="r") == 64_000
     assert value(t, "pggan_resolution", run="r") == 8
     assert value(t, "pggan_stage_index", run="r") == 1
     assert value(t, "pggan_fade_alpha", run="r") == 0.5
@@ -162,12 +162,12 @@ def test_resume_sets_images_seen_to_the_checkpointed_count_not_a_count_from_zero
     # A new driver resumes from a checkpoint at 2.4M images: the metric starts there, not at 0 or at a sum.
     t = Telemetry("r")
     t.set_images_seen(2_400_000)
-    assert value(t, "pggan_images_seen_total", run="r") == 2_400_000
+    assert value(t, "pggan_images_seen", run="r") == 2_400_000
     t.on_tick(tick(nimg=2_404_000))
-    assert value(t, "pggan_images_seen_total", run="r") == 2_404_000
+    assert value(t, "pggan_images_seen", run="r") == 2_404_000
     # A rollback to an older checkpoint moves it back.
     t.on_tick(tick(nimg=2_300_000))
-    assert value(t, "pggan_images_seen_total", run="r") == 2_300_000
+    assert value(t, "pggan_images_seen", run="r") == 2_300_000
 
 
 def test_tick_without_a_key_is_refused_naming_it():
@@ -330,7 +330,7 @@ def test_prometheus_scrapes_the_exporter_and_the_dashboard_queries_return_data(t
         assert [float(r["value"][1]) for r in up] == [1.0]
         res = {r["metric"].get("trial", ""): float(r["value"][1]) for r in _query(prom, "pggan_resolution")}
         assert res == {"": 16.0, "t1": 32.0}
-        seen = _query(prom, 'pggan_images_seen_total{run="itest",trial=""}')
+        seen = _query(prom, 'pggan_images_seen{run="itest",trial=""}')
         assert float(seen[0]["value"][1]) == 1_004_000
         state = _query(prom, "pggan_run_state == 1")
         assert {(r["metric"].get("trial", ""), r["metric"]["state"]) for r in state} == {("", "training"),

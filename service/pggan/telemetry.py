@@ -12,7 +12,7 @@ The metric names are the product contract (DESIGN.md "Prometheus metrics"); the 
 rules in deploy/ query exactly these, and tests check that they agree. :data:`METRICS` lists them.
 
 Values are kept as plain numbers and turned into metric families at scrape time by one custom collector. That
-lets several runs with different label sets share a registry, lets ``pggan_images_seen_total`` be *set* from the
+lets several runs with different label sets share a registry, lets ``pggan_images_seen`` be *set* from the
 checkpointed count on resume, and keeps the counters below monotone within a process even when the totals the
 workers report start again from zero (a fresh stage or a rollback): any decrease is taken as a restart of that
 count, the way Prometheus' ``rate()`` reads a counter reset.
@@ -45,7 +45,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "pggan_resolution": ("gauge", "Resolution being trained (pixels per side)."),
     "pggan_stage_index": ("gauge", "Index of the current stage (0 = first stable stage; fade-in and stable stages alternate)."),
     "pggan_fade_alpha": ("gauge", "Fade-in blend factor of the new block: 0..1 in a fade-in stage, 1 in a stable stage."),
-    "pggan_images_seen_total": ("gauge", "Real images shown to D so far (set from the checkpoint on resume; goes down on rollback)."),
+    "pggan_images_seen": ("gauge", "Real images shown to D so far (set from the checkpoint on resume; goes down on rollback)."),
     "pggan_stage_progress_ratio": ("gauge", "Fraction of the current stage done, 0..1."),
     "pggan_train_images_per_second": ("gauge", "Training throughput over the last tick, images per second (all workers)."),
     "pggan_loss": ("gauge", "Loss of the last tick, by network (net=G|D)."),
@@ -209,7 +209,7 @@ class Telemetry:
             raise ValueError(f"tick is missing {', '.join(missing)}")
         with self._lock:
             g = self._gauges
-            g["pggan_images_seen_total"] = float(tick["nimg"])
+            g["pggan_images_seen"] = float(tick["nimg"])
             g["pggan_resolution"] = float(tick["resolution"])
             g["pggan_stage_index"] = float(tick["stage_index"])
             g["pggan_fade_alpha"] = float(tick["alpha"])
@@ -231,7 +231,7 @@ class Telemetry:
         if nimg < 0:
             raise ValueError("nimg must be >= 0")
         with self._lock:
-            self._gauges["pggan_images_seen_total"] = float(nimg)
+            self._gauges["pggan_images_seen"] = float(nimg)
 
     def on_checkpoint(self, ok: bool, duration_s: float, timestamp: float) -> None:
         """A checkpoint write ended. Success: its time becomes the last-success timestamp and its duration is
