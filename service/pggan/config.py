@@ -231,6 +231,9 @@ class MetricsSection(_Section):
 
     port: int = Field(9108, ge=0, le=65535, description="Prometheus exporter port on the driver (0 = disabled).")
     host: str = Field("0.0.0.0", description="Exporter bind address.")
+    linger_s: float = Field(75.0, ge=0, le=3600,
+                            description="Seconds the exporter stays up after a run ends (completed, failed or stopped) "
+                                        "so Prometheus scrapes the final state (>= 2 scrape intervals; 0 = none).")
     tick_kimg: float = Field(4.0, gt=0, le=1e5,
                              description="One progress line and one Ray report per tick (keep ticks >= a few seconds).")
     tick_kimg_dict: dict[int, float] = Field(default_factory=dict, description="Per-resolution tick overrides.")
