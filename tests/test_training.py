@@ -167,6 +167,16 @@ def test_ema_beta_is_a_half_life_in_images_with_optional_rampup():
     assert ema_beta(16, 0.0) == 0.0
 
 
+def test_ema_beta_per_step_is_the_official_form_at_any_minibatch():
+    for batch in (3, 16, 512):
+        assert ema_beta(batch, None, nimg=10**6, beta_per_step=0.999) == 0.999
+    # Ramp-up caps it as it caps a half-life: at 20,000 images seen, a half-life of 1000 images.
+    assert ema_beta(1000, None, nimg=20_000, rampup=0.05, beta_per_step=0.999) == pytest.approx(0.5)
+    assert ema_beta(16, None, nimg=0, rampup=0.05, beta_per_step=0.999) == 0.0
+    with pytest.raises(ValueError):
+        ema_beta(16, None)
+
+
 def test_ema_update_matches_the_closed_form():
     model = torch.nn.Linear(3, 2).double()
     ema = torch.nn.Linear(3, 2).double()

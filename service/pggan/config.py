@@ -198,8 +198,12 @@ class OptimSection(_Section):
 class EmaSection(_Section):
     """G_ema: the smoothed generator used for samples, metrics and the exported snapshot."""
 
-    half_life_kimg: float = Field(11.09, ge=0, le=1e4,
-                                  description="Half-life in kimg (official beta 0.999 per step at minibatch 16 = 11.09).")
+    half_life_kimg: float | None = Field(11.09, ge=0, le=1e4,
+                                         description="Half-life in kimg (official beta 0.999 per step at minibatch 16 = "
+                                                     "11.09); null when beta_per_step is set.")
+    beta_per_step: float | None = Field(None, ge=0, lt=1,
+                                        description="Decay per step whatever the minibatch, as the official code "
+                                                    "(G_smoothing 0.999); needs half_life_kimg: null.")
     rampup: float | None = Field(None, gt=0, le=1,
                                  description="Cap the half-life at this fraction of images seen (stylegan2-ada), for short runs.")
 
@@ -214,7 +218,8 @@ class ClusterSection(_Section):
     max_failures: int = Field(3, ge=-1, le=1000, description="Worker-group restarts per stage (-1 = unlimited).")
     start_timeout_s: float = Field(120.0, gt=0, le=86400,
                                    description="Give up if the workers cannot be placed within this time.")
-    amp: Literal["auto", "bf16", "none"] = Field("auto", description="Mixed precision: auto = bf16 on GPU, fp32 on CPU.")
+    amp: Literal["auto", "bf16", "none"] = Field("auto", description="Mixed precision: auto = bf16 on GPU, fp32 on CPU "
+                                                                     "(the paper presets set none: fp32 as the official runs).")
     channels_last: bool = Field(True, description="NHWC memory format for convolutions.")
     compile: bool = Field(False, description="torch.compile the networks.")
 
@@ -338,6 +343,11 @@ def _cross_checks(cfg: RunConfig) -> list[tuple[str, Any, str]]:
             out.append((key, mb, f"per-worker minibatch {per_worker} at {res}x{res} has no divisor in "
                                  f"2..model.mbstd_group_size ({m.mbstd_group_size}): minibatch-stddev groups would "
                                  "hold one image; use an even minibatch or fewer workers"))
+    e = cfg.ema
+    if (e.half_life_kimg is None) == (e.beta_per_step is None):
+        out.append(("ema.beta_per_step", e.beta_per_step,
+                    f"set exactly one of ema.half_life_kimg (got {e.half_life_kimg}) and ema.beta_per_step; "
+                    "null the other"))
     if cfg.metrics.swd_images and cfg.metrics.swd_images < 64:
         out.append(("metrics.swd_images", cfg.metrics.swd_images, "use 0 to skip SWD or at least 64 images"))
     if cfg.data.source.startswith("synthetic:") and cfg.data.source != "synthetic:shapes":

@@ -1,8 +1,9 @@
 """G_ema: an exponential moving average of G's weights, with its half-life counted in images
 (stylegan2-ada-pytorch training_loop: ``ema_beta = 0.5 ** (batch / ema_nimg)``).
 
-The official PG-GAN code uses beta 0.999 per step at minibatch 16, a half-life of 11.09 kimg. Counting
-in images keeps the smoothing the same when the minibatch or the number of workers changes.
+The official PG-GAN code uses beta 0.999 per step whatever the minibatch (a half-life of 11.09 kimg at
+minibatch 16, 5.3x longer in images at minibatch 3). Counting in images keeps the smoothing the same when
+the minibatch or the number of workers changes; ``beta_per_step`` reproduces the official form exactly.
 """
 
 from __future__ import annotations
@@ -12,18 +13,30 @@ from torch import nn
 
 
 def ema_beta(batch: int,
-             half_life_kimg: float,
+             half_life_kimg: float | None,
              nimg: int | None = None,
              rampup: float | None = None,
+             beta_per_step: float | None = None,
              ) -> float:
-    """Per-step decay for a step of ``batch`` images: 0.5 ** (batch / half_life_images).
+    """Per-step decay for a step of ``batch`` images: 0.5 ** (batch / half_life_images), or ``beta_per_step``
+    when given (the official form: the same decay per step at any minibatch; ``half_life_kimg`` is then unused).
 
     With ``rampup`` the half-life is capped at ``rampup * nimg`` (images seen so far), so that a short run's
-    G_ema does not stay stuck near the random initial weights. A half-life of 0 copies G.
+    G_ema does not stay stuck near the random initial weights; with ``beta_per_step`` the cap is the same
+    (beta = min(beta_per_step, the capped half-life's beta)). A half-life of 0 copies G.
     """
-    half_life = half_life_kimg * 1000.0
+    if beta_per_step is None and half_life_kimg is None:
+        raise ValueError("ema_beta needs half_life_kimg or beta_per_step")
+    cap: float | None = None
     if rampup is not None and nimg is not None:
-        half_life = min(half_life, nimg * rampup)
+        cap = nimg * rampup
+    if beta_per_step is not None:
+        if cap is None:
+            return float(beta_per_step)
+        return 0.0 if cap <= 0 else min(float(beta_per_step), 0.5 ** (batch / cap))
+    half_life = half_life_kimg * 1000.0
+    if cap is not None:
+        half_life = min(half_life, cap)
     if half_life <= 0:
         return 0.0
     return 0.5 ** (batch / half_life)

@@ -259,7 +259,8 @@ class GanTrainer:
         if d_ok:
             g_ok, loss_g = self._g_step(n, res, alpha, noise, loss_scale)
         if d_ok and g_ok:
-            beta = ema_beta(gb, self.ema_cfg.half_life_kimg, self.counters.nimg, self.ema_cfg.rampup)
+            beta = ema_beta(gb, self.ema_cfg.half_life_kimg, self.counters.nimg, self.ema_cfg.rampup,
+                            self.ema_cfg.beta_per_step)
             ema_update(self.G_ema, self.G, beta)
 
         nonfinite = not (d_ok and g_ok)
