@@ -10,7 +10,7 @@ from typing import Callable
 from .config import ConfigError, load_config
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "sweep", "prepare", "generate", "evaluate", "bench")
+SUBCOMMANDS = ("train", "sweep", "prepare", "generate", "evaluate", "status", "report", "bench")
 EXIT_USAGE = 2
 
 
@@ -20,6 +20,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set schedule.lr_base=0.002 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved, validated config as JSON and exit")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """A run named by its URL, or by the config that made it (storage.url / run.name)."""
+    p.add_argument("source", nargs="?", metavar="RUN_URL", help="run directory: <storage.url>/<run.name>")
+    p.add_argument("--config", metavar="FILE.yaml", help="name the run by its config instead of RUN_URL")
+    p.add_argument("--preset", metavar="NAME", help="built-in preset the config starts from")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set run.name=demo (repeatable)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URLs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URLs")
+
+    p = sub.add_parser("status", help="where a run is: phase, progress, ETA, checkpoints, SWD so far")
+    _run_args(p)
+    p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=0.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 10) until the run ends or Ctrl-C")
+
+    p = sub.add_parser("report", help="one self-contained HTML report (curves, every stage's grid) and a PNG")
+    _run_args(p)
+    p.add_argument("--out", default="report.html",
+                   help="HTML file or URL to write; the PNG goes beside it (.png) (default: report.html)")
 
     p = sub.add_parser("bench", help="benchmarks; results as JSON lines")
     p.add_argument("what", choices=["step", "data", "swd", "checkpoint"], help="what to benchmark")
@@ -146,6 +167,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": _lazy("data.prepare", "cli_prepare"),
     "generate": _lazy("generate", "cli_generate"),
     "evaluate": _lazy("metrics.evaluate", "cli_evaluate"),
+    "status": _lazy("status", "cli_status"),
+    "report": _lazy("report", "cli_report"),
     "bench": _lazy("bench", "cli_bench"),
 }
 
