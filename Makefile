@@ -31,7 +31,7 @@ bench: setup
 	    --batch 16 --fmap-max 128 --threads 2
 
 k8s:
-	helm template pggan deploy/helm/pggan > k8s/pggan.yaml
+	helm template pggan deploy/helm/pggan --api-versions monitoring.coreos.com/v1 > k8s/pggan.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

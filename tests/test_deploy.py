@@ -1,7 +1,8 @@
-"""deploy/ and k8s/: the Helm chart lints and renders with the real helm CLI; rendered manifests validate (core kinds
-with kubernetes-validate, RayJob and Prometheus Operator kinds against their CRD schemas, the dashboard against
-Grafana's schema); the dashboard and alert rules query only metrics Telemetry exports; promtool checks and unit-tests
-the rules; no credential value ever reaches a manifest; k8s/ is a fresh render of the chart."""
+"""deploy/ and k8s/: the Helm chart lints and renders with the real helm CLI, with and without the Prometheus
+Operator's API; rendered manifests validate (core kinds with kubernetes-validate, RayJob and Prometheus Operator kinds
+against their CRD schemas, the dashboard against Grafana's schema); the dashboard and alert rules query only metrics
+Telemetry exports; promtool checks and unit-tests the rules; no credential value ever reaches a manifest; k8s/ is a
+fresh render of the chart; the Dockerfile's contract (pinned dependencies resolve, non-root user, entrypoint)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from pggan.config import load_config
 from pggan.telemetry import METRICS, SERIES_NAMES
 
 CHART = ROOT / "deploy" / "helm" / "pggan"
+README = ROOT / "README.md"
+MONITORING_API = ("--api-versions", "monitoring.coreos.com/v1")  # as where the Prometheus Operator's CRDs are
+RUNBOOK_BASE = "https://github.com/example/pggan-ray/blob/main/README.md"
 RULES = ROOT / "deploy" / "prometheus" / "pggan-rules.yaml"
 RULES_TEST = ROOT / "deploy" / "prometheus" / "pggan-rules.test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "pggan-dashboard.json"
@@ -59,8 +63,9 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def render(*sets: str, check: bool = True) -> subprocess.CompletedProcess:
-    args = ["template", "pggan", str(CHART)]
+def render(*sets: str, check: bool = True, monitoring: bool = True) -> subprocess.CompletedProcess:
+    """helm template with --set values; by default as on a cluster that serves monitoring.coreos.com/v1."""
+    args = ["template", "pggan", str(CHART), *(MONITORING_API if monitoring else ())]
     for s in sets:
         args += ["--set", s]
     return helm(*args, check=check)
@@ -70,14 +75,20 @@ def docs(text: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-@functools.lru_cache(maxsize=1)
-def _default_docs_text() -> str:
-    return render().stdout
+@functools.lru_cache(maxsize=2)
+def _default_docs_text(monitoring: bool = True) -> str:
+    return render(monitoring=monitoring).stdout
 
 
 @pytest.fixture
 def rendered() -> list[dict]:
     return docs(_default_docs_text())
+
+
+@pytest.fixture
+def rendered_bare() -> list[dict]:
+    """The default render on a cluster without the Prometheus Operator's CRDs."""
+    return docs(_default_docs_text(monitoring=False))
 
 
 def one(manifests: list[dict], kind: str, name_suffix: str = "") -> dict:
@@ -200,24 +211,44 @@ def test_helm_lint_strict_passes():
 
 def test_chart_renders_the_expected_kinds(rendered):
     assert sorted(d["kind"] for d in rendered) == sorted(
-        ["ConfigMap", "ConfigMap", "RayJob", "Service", "ServiceMonitor", "PrometheusRule"])
+        ["ConfigMap", "ConfigMap", "RayJob", "Service", "ServiceMonitor", "PodMonitor", "PrometheusRule"])
     # No namespace in the manifests: `helm install -n X` and `kubectl -n X apply -f k8s/` both place them.
     assert all("namespace" not in d["metadata"] for d in rendered)
 
 
-def test_core_kinds_validate_with_kubernetes_validate(rendered):
-    core = [d for d in rendered if (d["apiVersion"], d["kind"]) not in CRD_FILES]
+def test_without_the_monitoring_api_no_prometheus_operator_object_renders(rendered_bare):
+    # helm install would fail on a cluster without the CRDs if they rendered there.
+    assert sorted(d["kind"] for d in rendered_bare) == ["ConfigMap", "ConfigMap", "RayJob", "Service"]
+    assert not [d for d in rendered_bare if d["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+@pytest.mark.parametrize("monitoring", [True, False], ids=["monitoring-api", "no-monitoring-api"])
+def test_core_kinds_validate_with_kubernetes_validate(monitoring):
+    core = [d for d in docs(_default_docs_text(monitoring)) if (d["apiVersion"], d["kind"]) not in CRD_FILES]
     assert {d["kind"] for d in core} == {"ConfigMap", "Service"}
     for d in core:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
-def test_custom_resources_validate_against_their_crd_schemas(rendered):
-    custom = [d for d in rendered if (d["apiVersion"], d["kind"]) in CRD_FILES]
-    assert {d["kind"] for d in custom} == {"RayJob", "ServiceMonitor", "PrometheusRule"}
+@pytest.mark.parametrize("monitoring", [True, False], ids=["monitoring-api", "no-monitoring-api"])
+def test_custom_resources_validate_against_their_crd_schemas(monitoring):
+    custom = [d for d in docs(_default_docs_text(monitoring)) if (d["apiVersion"], d["kind"]) in CRD_FILES]
+    expected = {"RayJob", "ServiceMonitor", "PodMonitor", "PrometheusRule"} if monitoring else {"RayJob"}
+    assert {d["kind"] for d in custom} == expected
     for d in custom:
         assert crd_errors(d) == [], d["kind"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"])
+
+
+def test_non_default_values_still_validate_against_the_crd_schemas():
+    out = docs(render("worker.gpusPerPod=0", "ray.auth.secretName=my-ray-token", "priorityClassName=training",
+                      "job.labels.kueue\\.x-k8s\\.io/queue-name=gpu", "job.annotations.team=ml",
+                      "ray.dashboard.prometheusHost=http://prom:9090", "ray.dashboard.grafanaHost=http://grafana",
+                      "job.deletionStrategy.onSuccess.policy=DeleteCluster",
+                      "job.deletionStrategy.onFailure.policy=DeleteWorkers").stdout)
+    for d in out:
+        if (d["apiVersion"], d["kind"]) in CRD_FILES:
+            assert crd_errors(d) == [], d["kind"]
 
 
 def test_pod_templates_inside_the_rayjob_validate_as_core_pod_specs(rendered):
@@ -241,6 +272,10 @@ def test_rayjob_runs_launch_py_with_the_mounted_config_on_head_and_gpu_workers(r
     (workers,) = job["rayClusterSpec"]["workerGroupSpecs"]
     w = workers["template"]["spec"]
     assert w["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for spec in (head, w):  # /dev/shm in memory: Ray's object store (and NCCL on the workers)
+        (shm,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (vol,) = [v for v in spec["volumes"] if v["name"] == shm["name"]]
+        assert vol["emptyDir"]["medium"] == "Memory" and vol["emptyDir"]["sizeLimit"]
     assert w["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in w["tolerations"]
     for spec in (head, w):
@@ -277,6 +312,33 @@ def test_values_set_resources_node_selection_and_worker_count():
     assert one(out, "Service")["spec"]["ports"][0]["port"] == 9200
 
 
+def test_cpu_workers_get_no_gpu_request_node_selector_or_toleration():
+    out = docs(render("worker.gpusPerPod=0", "worker.nodeSelector.pool=cpu").stdout)
+    w = one(out, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(w)
+    assert w["nodeSelector"] == {"pool": "cpu"} and "tolerations" not in w
+    cfg = yaml.safe_load(one(out, "ConfigMap", "-config")["data"]["config.yaml"])
+    assert cfg["cluster"]["use_gpu"] is False and cfg["cluster"]["num_workers"] == 8
+
+
+def test_rayjob_labels_annotations_and_priority_class_reach_the_rayjob_and_every_pod():
+    out = docs(render("job.labels.kueue\\.x-k8s\\.io/queue-name=gpu-queue", "job.annotations.team=ml",
+                      "priorityClassName=training").stdout)
+    job = one(out, "RayJob")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["metadata"]["annotations"] == {"team": "ml"}
+    spec = job["spec"]
+    pods = [spec["submitterPodTemplate"], spec["rayClusterSpec"]["headGroupSpec"]["template"],
+            spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]]
+    assert [p["spec"]["priorityClassName"] for p in pods] == ["training"] * 3
+    assert "priorityClassName" not in json.dumps(one(docs(_default_docs_text()), "RayJob"))
+
+
+def test_chart_works_as_a_subchart_with_global_values():
+    out = docs(render("global.imageRegistry=registry.example.com", "global.storageClass=fast").stdout)
+    assert one(out, "RayJob")
+
+
 def test_more_train_workers_than_the_worker_group_holds_is_refused():
     proc = render("config.cluster.num_workers=16", check=False)
     assert proc.returncode != 0 and "num_workers" in proc.stderr
@@ -300,6 +362,127 @@ def test_prometheusrule_carries_the_rules_file_verbatim(rendered):
     assert one(rendered, "PrometheusRule")["spec"] == yaml.safe_load(RULES.read_text())
 
 
+def test_runbook_base_url_is_rewritten_in_the_prometheusrule_only():
+    out = docs(render("metrics.prometheusRule.runbookBaseUrl=https://git.example.com/ml/pggan/README.md").stdout)
+    urls = [r["annotations"]["runbook_url"] for g in one(out, "PrometheusRule")["spec"]["groups"]
+            for r in g["rules"] if "alert" in r]
+    assert urls and all(u.startswith("https://git.example.com/ml/pggan/README.md#pggan") for u in urls), urls
+
+
+def test_monitoring_objects_carry_the_kube_prometheus_stack_release_label(rendered):
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        assert one(rendered, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack", kind
+    out = docs(render("metrics.prometheusRelease=monitoring", "metrics.serviceMonitor.labels.team=ml",
+                      "metrics.prometheusRule.labels.release=rules-only").stdout)
+    sm_labels = one(out, "ServiceMonitor")["metadata"]["labels"]
+    assert sm_labels["release"] == "monitoring" and sm_labels["team"] == "ml"
+    assert one(out, "PodMonitor")["metadata"]["labels"]["release"] == "monitoring"
+    assert one(out, "PrometheusRule")["metadata"]["labels"]["release"] == "rules-only"  # per-object label wins
+    out = docs(render("metrics.prometheusRelease=").stdout)
+    assert all("release" not in one(out, k)["metadata"]["labels"] for k in ("ServiceMonitor", "PodMonitor"))
+
+
+def test_podmonitor_scrapes_rays_metrics_port_on_head_and_workers_only(rendered):
+    pm = one(rendered, "PodMonitor")
+    job = one(rendered, "RayJob")["spec"]
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]
+    worker = job["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+    submitter = job["submitterPodTemplate"]
+
+    def selected(pod: dict) -> bool:
+        labels = pod["metadata"]["labels"]
+        sel = pm["spec"]["selector"]
+        ok = sel["matchLabels"].items() <= labels.items()
+        for e in sel.get("matchExpressions", []):
+            assert e["operator"] == "In"
+            ok = ok and labels.get(e["key"]) in e["values"]
+        return ok
+
+    assert selected(head) and selected(worker) and not selected(submitter)
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    for pod in (head, worker):
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0].get("ports", [])}
+        assert ports[endpoint["port"]] == 8080  # Ray's metrics-export-port as KubeRay sets it
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster",
+            "action": "replace"} in endpoint["relabelings"]
+
+
+def test_ray_dashboard_is_pointed_at_prometheus_and_grafana_on_the_head_only():
+    out = docs(render("ray.dashboard.prometheusHost=http://prom.monitoring.svc:9090",
+                      "ray.dashboard.grafanaHost=http://grafana.monitoring.svc",
+                      "ray.dashboard.grafanaIframeHost=https://grafana.example.com").stdout)
+    spec = one(out, "RayJob")["spec"]["rayClusterSpec"]
+    head_env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert head_env["RAY_PROMETHEUS_HOST"] == "http://prom.monitoring.svc:9090"
+    assert head_env["RAY_GRAFANA_HOST"] == "http://grafana.monitoring.svc"
+    assert head_env["RAY_GRAFANA_IFRAME_HOST"] == "https://grafana.example.com"
+    assert "RAY_PROMETHEUS_NAME" not in head_env  # unset values stay unset
+    worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert not [e for e in worker.get("env", []) if e["name"].startswith(("RAY_PROMETHEUS", "RAY_GRAFANA"))]
+    default = one(docs(_default_docs_text()), "RayJob")
+    assert "RAY_PROMETHEUS_HOST" not in json.dumps(default)
+
+
+# --- Ray token auth ----------------------------------------------------------------------------------------
+
+def test_ray_token_auth_is_on_by_default_and_can_name_a_secret_or_be_disabled(rendered):
+    assert one(rendered, "RayJob")["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    out = docs(render("ray.auth.secretName=team-ray-token").stdout)
+    assert one(out, "RayJob")["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token",
+                                                                           "secretName": "team-ray-token"}
+    out = docs(render("ray.auth.mode=disabled").stdout)
+    assert one(out, "RayJob")["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "disabled"}
+    assert render("ray.auth.mode=open", check=False).returncode != 0
+
+
+def test_no_pod_sets_ray_auth_env_itself(rendered):
+    # KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on Ray containers and the submitter only where they are unset.
+    assert "RAY_AUTH" not in json.dumps(one(rendered, "RayJob"))
+
+
+def test_chart_and_readme_state_the_kuberay_version_token_auth_needs():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert re.search(r"kuberay-operator>=1\.5\.1\b", chart["annotations"]["pggan/requires"])
+    helm_section = README.read_text().split("### Helm chart (KubeRay)", 1)[1].split("\n## ", 1)[0]
+    assert "1.5.1" in helm_section and "RAY_AUTH_TOKEN" in helm_section
+
+
+def _notes(*sets: str) -> str:
+    args = ["install", "notes", str(CHART), "--dry-run=client"]  # no cluster: no monitoring.coreos.com/v1
+    for s in sets:
+        args += ["--set", s]
+    out = helm(*args).stdout
+    return out.split("NOTES:", 1)[1]
+
+
+def test_notes_say_how_to_reach_the_dashboard_with_the_token_and_name_no_empty_secret():
+    notes = _notes()
+    assert "RAY_AUTH_TOKEN" in notes and "auth_token" in notes and "notes-pggan-head-svc 8265" in notes
+    assert 'Secret "pggan-s3"' in notes
+    assert "no ServiceMonitor, PodMonitor or PrometheusRule was created" in notes
+    notes = _notes("s3.existingSecret=", "ray.auth.mode=disabled")
+    assert 'Secret ""' not in notes and "service account" in notes
+    assert "RAY_AUTH_TOKEN" not in notes
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------------
+
+def test_the_ray_cluster_is_deleted_soon_after_the_run_ends(rendered):
+    spec = one(rendered, "RayJob")["spec"]
+    # GPU pods freed within a minute; the exporter's target is down for less than a TargetDown alert's 10 min.
+    assert spec["shutdownAfterJobFinishes"] is True and 0 <= spec["ttlSecondsAfterFinished"] <= 60
+
+
+def test_a_deletion_strategy_replaces_shutdown_after_job_finishes():
+    out = docs(render("job.deletionStrategy.onSuccess.policy=DeleteCluster",
+                      "job.deletionStrategy.onFailure.policy=DeleteWorkers").stdout)
+    spec = one(out, "RayJob")["spec"]
+    assert spec["deletionStrategy"] == {"onSuccess": {"policy": "DeleteCluster"},
+                                        "onFailure": {"policy": "DeleteWorkers"}}
+    # KubeRay refuses deletionRules together with shutdownAfterJobFinishes, and a TTL without the shutdown.
+    assert spec["shutdownAfterJobFinishes"] is False and "ttlSecondsAfterFinished" not in spec
+
+
 def test_dashboard_configmap_carries_the_dashboard_file_for_the_grafana_sidecar(rendered):
     cm = one(rendered, "ConfigMap", "-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -308,7 +491,7 @@ def test_dashboard_configmap_carries_the_dashboard_file_for_the_grafana_sidecar(
 
 def test_monitoring_objects_can_be_switched_off():
     out = docs(render("metrics.serviceMonitor.enabled=false", "metrics.prometheusRule.enabled=false",
-                      "metrics.grafanaDashboard.enabled=false").stdout)
+                      "metrics.rayPodMonitor.enabled=false", "metrics.grafanaDashboard.enabled=false").stdout)
     assert sorted(d["kind"] for d in out) == ["ConfigMap", "RayJob", "Service"]
 
 
@@ -442,6 +625,21 @@ def test_rules_use_only_metrics_telemetry_exports():
         assert names and names <= SERIES_NAMES | recorded, f"{r.get('alert') or r['record']}: {names}"
     for a in alerts:
         assert a["labels"]["severity"] in ("warning", "critical") and a["annotations"]["summary"]
+
+
+def test_every_alert_has_a_runbook_url_to_its_readme_entry():
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")  # GitHub's heading slugs
+               for h in re.findall(r"^#+ (.+)$", README.read_text(), re.M)}
+    for r in (r for g in rule_groups() for r in g["rules"] if "alert" in r):
+        url = r["annotations"].get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        assert base == RUNBOOK_BASE and anchor == r["alert"].lower() and anchor in anchors, (r["alert"], url)
+
+
+def test_every_recording_rule_is_used_by_an_alert():
+    rules = [r for g in rule_groups() for r in g["rules"]]
+    used = set().union(*(promql_metric_names(r["expr"]) for r in rules if "alert" in r))
+    assert {r["record"] for r in rules if "record" in r} <= used
 
 
 def test_every_alert_has_a_promtool_unit_test():

@@ -107,3 +107,36 @@ credential: those come only from the Secret named in s3.existingSecret.
 - {{ toYaml . | nindent 2 | trim }}
 {{- end }}
 {{- end -}}
+
+{{/* Prometheus Operator objects render only where the cluster serves their API (their CRDs are installed). */}}
+{{- define "pggan.monitoringApi" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Labels of a Prometheus Operator object: the chart's, `release` for kube-prometheus-stack's default
+selectors, then the object's own (given as the argument's "labels"). */}}
+{{- define "pggan.monitoringLabels" -}}
+{{- include "pggan.labels" .ctx }}
+{{- $extra := dict -}}
+{{- with .ctx.Values.metrics.prometheusRelease }}{{ $_ := set $extra "release" . }}{{ end -}}
+{{- $extra = merge (deepCopy (default dict .labels)) $extra -}}
+{{- with $extra }}
+{{ toYaml . }}
+{{- end -}}
+{{- end -}}
+
+{{/* Ray's metrics export port of a group (its rayStartParams' metrics-export-port; KubeRay's default 8080). */}}
+{{- define "pggan.rayMetricsPort" -}}
+{{- int (get (default dict .) "metrics-export-port" | default 8080) -}}
+{{- end -}}
+
+{{/* Head-only environment: where the Ray dashboard finds Prometheus and Grafana. */}}
+{{- define "pggan.headEnv" -}}
+{{- $d := .Values.ray.dashboard -}}
+{{- range $name, $key := dict "RAY_PROMETHEUS_HOST" "prometheusHost" "RAY_PROMETHEUS_NAME" "prometheusName" "RAY_GRAFANA_HOST" "grafanaHost" "RAY_GRAFANA_IFRAME_HOST" "grafanaIframeHost" }}
+{{- with get $d $key }}
+- name: {{ $name }}
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
