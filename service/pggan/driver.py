@@ -1,42 +1,33 @@
-"""The driver: a state machine that walks the stages, one Ray Train run per stage, resumable from storage.
+"""The driver: a state machine over the run's phases, fed by the workers' reports, resumable from storage.
 
 pending -> training k -> evaluating k -> training k+1 -> ... -> completed (or failed / stopped).
-The run directory (``<storage.url>/<run.name>/``) holds everything a new driver needs to continue:
-config.json, run_state.json, checkpoints, snapshots, sample grids, metrics.jsonl.
+One Ray Train run (TorchTrainer.fit, :mod:`pggan.session`) trains every remaining stage; each worker report
+reaches the driver through the telemetry hub, and :class:`StageMachine` turns the ones that matter into
+transitions, each persisted in run_state.json. The run directory (``<storage.url>/<run.name>/``) holds
+everything a new driver needs to continue. The driver stays small: state, metric relay, small records.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable
 
-import ray  # 1. Ray core: init / shutdown
-import ray.train  # 2. Ray Train: ScalingConfig, RunConfig, FailureConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+import ray  # 1. Ray core: the hub actor's methods
 
-from .checkpoint import latest_nimg, save_snapshot
-from .checkpoint.store import FINAL_SNAPSHOT, load_checkpoint_at, load_latest
+from .checkpoint.store import FINAL_SNAPSHOT, load_latest
 from .config import RunConfig, from_json
 from .errors import UserError
-from .hub import ReportRelay, get_hub
+from .history import append_records, read_records
+from .hub import get_hub
+from .records import history_tick, stage_seconds
 from .run_state import RunState
 from .schedule import Stage, stages, total_nimg
-from .stage_eval import (append_metrics, evaluate_stage, g_ema_from_state, read_metrics, swd_table,
-                         untrained_baseline)
+from .session import Stopped, init_ray, install_stop_handlers, make_trainer, node_id, run_fit
+from .stage_eval import EVAL_DIR, evaluated, swd_table
 from .storage import Storage, StorageUnavailable, join, normalize
-from .worker import stage_job, train_stage
 
-
-class Stopped(KeyboardInterrupt):
-    """The driver was asked to stop (SIGTERM from `ray job stop`, or Ctrl-C). Not an Exception, so that no
-    `except Exception` inside Ray's fit() swallows it; a KeyboardInterrupt because a blocking ray.get (the driver
-    waits in one for the whole stage) runs signal handlers but turns only KeyboardInterrupt into an error in the
-    waiting thread (it raises a plain KeyboardInterrupt then) and drops any other exception a handler raises."""
+__all__ = ["run_training", "run_url_of", "init_ray", "RunFailed", "StageMachine"]
 
 
 def run_url_of(cfg: RunConfig) -> str:
@@ -74,6 +65,9 @@ def check_run_dir(cfg: RunConfig, storage: Storage, run_url: str, fresh: bool) -
             prune(storage, run_url, keep=1)
             storage.rm(join(run_url, "checkpoints"), recursive=True)
         storage.rm(join(run_url, "run_state.json"))
+        for old_records in (EVAL_DIR, "history", "metrics.jsonl", "swd_floor"):  # evaluations of the old run
+            if storage.exists(join(run_url, old_records)):
+                storage.rm(join(run_url, old_records), recursive=True)
     storage.write_json(url, cfg.to_json())
 
 
@@ -95,142 +89,129 @@ def prepare_data(cfg: RunConfig, storage: Storage, run_url: str) -> str:
     return getattr(ds, "url", src)
 
 
-# ---- Ray -------------------------------------------------------------------------------------------
-
-def init_ray(cfg: RunConfig, address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.cluster.start_timeout_s),
-           # report() waits for the controller's poll (default every 2 s); ticks of a few seconds need less.
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-           # Ray Train tees print() into its logger, which doubles every progress line on the console.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    os.environ.update(env)  # a local cluster started here inherits it
-    runtime_env: dict[str, Any] = {"env_vars": env}
-    if not _installed():
-        # Running from a checkout (`ray job submit --working-dir .`): ship the package to every worker.
-        import pggan
-
-        runtime_env["py_modules"] = [os.path.dirname(pggan.__file__)]
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and "://" not in address and ":" in address:
-        # Ray Train's placement-group cleaner (a detached actor) finds the state API from RAY_ADDRESS, else by
-        # guessing from local processes, which fails where several clusters share a machine: its monitor thread
-        # dies and the actor stays alive after a stopped or killed run.
-        runtime_env["env_vars"] = {**env, "RAY_ADDRESS": address}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # address="local": a new cluster in-process, also where `ray start` left one on this machine (Ray would
-        # connect to that one otherwise). The dashboard serves the state API Ray Train's placement-group cleaner
-        # polls; a free port, since another cluster may hold 8265.
-        # Ctrl-C goes to the terminal's whole process group: the local Ray processes started here would die
-        # with it, and the driver's Ray client exits the process at once when its raylet is gone, before the
-        # run can be marked stopped. They start with SIGINT ignored (inherited); the driver keeps its handler.
-        with _sigint_ignored():
-            ray.init(address="local", runtime_env=runtime_env, dashboard_port=_free_port(), log_to_driver=True,
-                     logging_level="WARNING", configure_logging=True)
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _installed() -> bool:
-    from importlib import metadata
-
-    try:
-        metadata.distribution("pggan-ray")
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def fit_stage(cfg: RunConfig, stage: Stage, run_url: str, data_url: str, hub: Any, trial: str | None) -> None:
-    """One TorchTrainer.fit for one stage; raises ray.train.TrainingFailedError on failure."""
-    c = cfg.cluster
-    resources = {"CPU": c.cpus_per_worker, **c.resources_per_worker}
-    if c.use_gpu:
-        resources["GPU"] = 1
-    ray_storage = join(run_url, "ray") if "://" not in run_url else os.path.join(
-        os.path.expanduser("~"), "ray_results", "pggan", cfg.run.name)
-    trainer = TorchTrainer(
-        train_stage,
-        train_loop_config=stage_job(cfg, stage.index, run_url, data_url),
-        scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                               resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.run.name}-{stage.name}",
-            storage_path=ray_storage,
-            failure_config=ray.train.FailureConfig(max_failures=c.max_failures, controller_failure_limit=0),
-            callbacks=[ReportRelay(hub, cfg.run.name, trial)],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # no per-report INFO lines
-        ),
-    )
-    _fit(trainer)
-
-
-def _fit(trainer: TorchTrainer) -> None:
-    """trainer.fit(), blocking until the stage ends (worker restarts happen inside).
-
-    From the main thread, fit runs in a helper thread: in the main thread Ray Train installs its own SIGINT
-    handler, which aborts the run and exits the process (sys.exit(0)) before the driver can mark it stopped.
-    The main thread waits in short joins, so the driver's SIGINT/SIGTERM handlers run at once (they raise
-    Stopped here); the abandoned fit ends with the process, whose Ray actors die with their owner."""
-    if threading.current_thread() is not threading.main_thread():
-        trainer.fit()  # 3. Ray Train (in a Tune trial's thread: no handler of its own)
-        return
-    outcome: dict[str, BaseException] = {}
-
-    def target() -> None:
-        try:
-            trainer.fit()  # 3. Ray Train
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = e
-
-    t = threading.Thread(target=target, name="pggan-fit", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-
-
 # ---- the state machine -------------------------------------------------------------------------------
 
+class RunFailed(Exception):
+    """The run cannot go on; ``message`` says why and what to do."""
+
+    def __init__(self, message: str, stage: Stage | None = None):
+        super().__init__(message)
+        self.message, self.stage = message, stage
+
+
+class StageMachine:
+    """The run's phases as the workers' reports arrive. One short method per transition; each persists
+    run_state.json and tells the exporter. Tick records are kept for the metric history and written at every
+    stage end (one history object per stage)."""
+
+    def __init__(self, cfg: RunConfig, storage: Storage, run_url: str, state: RunState, hub: Any,
+                 trial: str | None, on_stage_end: Callable[[dict[str, Any]], None] | None = None):
+        self.cfg, self.storage, self.run_url, self.state, self.hub, self.trial = cfg, storage, run_url, state, hub, trial
+        self.stages = stages(cfg)
+        self.on_stage_end = on_stage_end
+        self.ticks: list[dict[str, Any]] = []
+        self.latest: dict[str, Any] = {}
+        self.fatal: str | None = None
+        self.fit_start: float | None = None
+        self.prev_restarts = state.worker_restarts
+        self.bar: Any = None
+
+    # ---- transitions ----------------------------------------------------------------------------------
+    def _set(self, to: str, stage: Stage | None = None, note: str = "", nimg: int | None = None) -> None:
+        self.state.transition(to, stage_index=stage.index if stage else None, stage=stage.name if stage else None,
+                              nimg=self.state.nimg if nimg is None else nimg, note=note)
+        self.state.worker_restarts = self.prev_restarts + ray.get(self.hub.get_restarts.remote(self.cfg.run.name,
+                                                                                                   self.trial))
+        self.state.nonfinite_steps = max(self.state.nonfinite_steps, int(self.latest.get("nonfinite_total", 0)))
+        self.state.save(self.storage, self.run_url)
+        ray.get(self.hub.set_state.remote(self.cfg.run.name, self.trial, to))  # awaited: the exporter shows it
+
+    def begin_training(self, st: Stage, nimg: int) -> None:
+        self._set("training", st, nimg=nimg)
+        say(f"stage {st.index + 1}/{len(self.stages)} {st.name}: {st.resolution}x{st.resolution} {st.kind}, "
+            f"{st.start / 1000:.1f}..{st.end / 1000:.1f} kimg, minibatch {st.minibatch}, lr {st.lr:g}")
+
+    def begin_evaluating(self, st: Stage) -> None:
+        self._set("evaluating", st, nimg=st.end)
+
+    def stage_evaluated(self, record: dict[str, Any]) -> None:
+        st = self.stages[record["stage_index"]]
+        record = {**record, "seconds": stage_seconds(record, self.fit_start)}
+        self.fit_start = None  # later stages of this fit start when the previous one's evaluation ends
+        append_records(self.storage, self.run_url, [*self.ticks, record])
+        self.ticks = []
+        sec = record["seconds"]
+        say(f"stage {st.name} done: " + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items())
+            + (f"; SWD x1e3 avg {record['swd']['avg']:.2f} ("
+               + ", ".join(f"{k}: {v:.2f}" for k, v in record["swd"]["swd_x1e3"].items()) + ")"
+               if record.get("swd") else ""))
+        if self.on_stage_end is not None:
+            self.on_stage_end(record)
+        nxt = st.index + 1
+        if nxt < len(self.stages):
+            self.begin_training(self.stages[nxt], st.end)
+
+    def complete(self, seconds: float) -> None:
+        self._set("completed", self.stages[-1], note=f"completed in {seconds:.0f} s", nimg=self.stages[-1].end)
+
+    def fail(self, message: str, stage: Stage | None) -> None:
+        self.flush()
+        self._set("failed", stage, note=message)
+
+    def stop(self) -> None:
+        self._set("stopped", None, note="stopped on request; start the same command again to resume")
+        self.flush()  # after the state: `ray job stop` allows a few seconds before its SIGKILL
+
+    def flush(self) -> None:
+        """Write the tick records not yet in the history (at the end of a driver life)."""
+        append_records(self.storage, self.run_url, self.ticks)
+        self.ticks = []
+
+    # ---- reports --------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        for rep in ray.get(self.hub.drain.remote(self.cfg.run.name, self.trial)):
+            self.on_report(rep)
+
+    def on_report(self, rep: dict[str, Any]) -> None:
+        event = rep.get("event", "tick")
+        if rep.get("fatal"):
+            self.fatal = rep["fatal"]
+        if event == "tick":
+            self.latest = rep
+            self.state.nimg = rep["nimg"]
+            self.ticks.append(history_tick(rep))
+            if self.bar is not None:
+                self.bar.update(rep)
+            if self.state.state != "training" or self.state.stage_index != rep["stage_index"]:
+                self.begin_training(self.stages[rep["stage_index"]], rep["nimg"])  # a resumed group's first tick
+            if rep.get("stage_done"):
+                self.begin_evaluating(self.stages[rep["stage_index"]])
+        elif event == "stage_end":
+            if self.state.state != "evaluating":
+                self.begin_evaluating(self.stages[rep["record"]["stage_index"]])
+            self.stage_evaluated(rep["record"])
+        elif event == "baseline":
+            append_records(self.storage, self.run_url, [rep["record"]])
+            say(f"untrained generator: SWD x1e3 avg {rep['record']['swd']['avg']:.2f} "
+                f"at {rep['record']['resolution']}x{rep['record']['resolution']}")
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
 def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False, trial: str | None = None,
-                 report: Any = None) -> int:
+                 report: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Train (or resume) the run described by cfg. Returns a process exit code."""
     storage = Storage.from_config(cfg.storage)
     run_url = run_url_of(cfg)
     storage.check_writable(run_url)  # missing bucket / credentials: one clear error before any work
     check_run_dir(cfg, storage, run_url, fresh)
-    all_stages = stages(cfg)
-    total = total_nimg(cfg)
-
+    all_stages, total = stages(cfg), total_nimg(cfg)
     state = RunState.load(storage, run_url)
     state.new_life()
     state.total_nimg = total
     nimg = _verified_nimg(storage, run_url)
-    evaluated = {r["stage_index"]: r["nimg"] for r in read_metrics(storage, run_url) if r.get("event") == "stage_end"}
-    if nimg >= total and evaluated.get(all_stages[-1].index) == all_stages[-1].end \
+    _reconcile_history(storage, run_url, all_stages)
+    if nimg >= total and evaluated(storage, run_url, all_stages[-1].name) \
             and storage.exists(join(run_url, FINAL_SNAPSHOT)):
         state.nimg = nimg
         state.transition("completed", note="already complete: nothing to train")
@@ -238,6 +219,7 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
         say(f"run {cfg.run.name} is already complete at {nimg / 1000:.1f} kimg; nothing to train "
             f"(raise schedule.total_kimg to train longer)")
         return 0
+    state.nimg = nimg
     state.save(storage, run_url)
 
     data_url = prepare_data(cfg, storage, run_url)
@@ -246,147 +228,143 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
     port = ray.get(hub.get_port.remote())
     if port:
         say(f"Prometheus metrics on port {port} (/metrics)")
-    stop = _install_stop_handlers()
+    stop = install_stop_handlers()
+    state.lives[-1]["node_id"] = node_id()  # where the driver (and the exporter) ran
     say(f"run {cfg.run.name}: {len(all_stages)} stages to {cfg.model.max_resolution}x{cfg.model.max_resolution}, "
-        f"{total / 1000:.1f} kimg; run directory {run_url}; resuming at {nimg / 1000:.1f} kimg" if nimg else
-        f"run {cfg.run.name}: {len(all_stages)} stages to {cfg.model.max_resolution}x{cfg.model.max_resolution}, "
-        f"{total / 1000:.1f} kimg; run directory {run_url}")
-
-    def set_state(to: str, stage: Stage | None = None, note: str = "") -> None:
-        state.transition(to, stage_index=stage.index if stage else None, stage=stage.name if stage else None,
-                         nimg=nimg, note=note)
-        state.worker_restarts = ray.get(hub.get_restarts.remote(cfg.run.name, trial)) + _prev_restarts
-        last_tick = ray.get(hub.get_latest.remote(cfg.run.name, trial)) or {}
-        state.nonfinite_steps = max(state.nonfinite_steps, int(last_tick.get("nonfinite_total", 0)))
-        state.save(storage, run_url)
-        hub.set_state.remote(cfg.run.name, trial, to)
-
-    _prev_restarts = state.worker_restarts
-
-    def save_ticks() -> None:
-        """The stage's tick records (buffered in the hub) into the metric history, also when it failed."""
-        append_metrics(storage, run_url, ray.get(hub.drain_ticks.remote(cfg.run.name, trial)))
-    hub.set_images_seen.remote(cfg.run.name, trial, nimg)
-    bar = _ProgressBar(hub, cfg.run.name, trial, total, nimg) if sys.stderr.isatty() and trial is None else None
+        f"{total / 1000:.1f} kimg; run directory {run_url}" + (f"; resuming at {nimg / 1000:.1f} kimg" if nimg else ""))
+    machine = StageMachine(cfg, storage, run_url, state, hub, trial, on_stage_end=report)
+    ray.get(hub.set_images_seen.remote(cfg.run.name, trial, nimg))
+    if sys.stderr.isatty() and trial is None:
+        machine.bar = _ProgressBar(total, nimg)
     t_run = time.perf_counter()
     try:
-        if nimg == 0 and "baseline" not in {r.get("event") for r in read_metrics(storage, run_url)} \
-                and cfg.metrics.swd_images:
-            append_metrics(storage, run_url, [untrained_baseline(cfg, storage, data_url)])
-        for stage in all_stages:
+        first = next(st for st in all_stages if nimg < st.end or not evaluated(storage, run_url, st.name))
+        if nimg < first.end:
+            machine.begin_training(first, nimg)
+        else:
+            machine.begin_evaluating(first)
+        machine.fit_start = time.time()
+        trainer = make_trainer(cfg, run_url, data_url, hub, trial, name=f"{cfg.run.name}-{state.life}")
+        try:
+            run_fit(trainer, poll=machine.poll)
+        except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; classified by type
             if stop.is_set():
-                raise Stopped()
-            if nimg < stage.end:
-                set_state("training", stage)
-                say(f"stage {stage.index + 1}/{len(all_stages)} {stage.name}: {stage.resolution}x{stage.resolution} "
-                    f"{stage.kind}, {stage.start / 1000:.1f}..{stage.end / 1000:.1f} kimg, minibatch "
-                    f"{stage.minibatch}, lr {stage.lr:g}")
-                t0 = time.perf_counter()
-                try:
-                    fit_stage(cfg, stage, run_url, data_url, hub, trial)
-                except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report them plainly
-                    if stop.is_set():
-                        raise Stopped() from None
-                    raise _StageFailed(stage, e) from None
-                save_ticks()
-                nimg = latest_nimg(storage, run_url)
-                if nimg < stage.end:
-                    last = ray.get(hub.get_latest.remote(cfg.run.name, trial)) or {}
-                    raise _StageFailed(stage, RuntimeError(
-                        last.get("fatal") or f"stage ended at {nimg} images, expected {stage.end}"))
-                say(f"stage {stage.name} trained in {time.perf_counter() - t0:.1f} s")
-            if evaluated.get(stage.index) != stage.end:
-                set_state("evaluating", stage)
-                record = evaluate_stage(cfg, storage, run_url, stage, data_url)
-                append_metrics(storage, run_url, [record])
-                evaluated[stage.index] = stage.end
-                if "swd" in record:
-                    hub.on_swd.remote(cfg.run.name, trial, record["swd"]["swd_x1e3"], record["swd"]["avg"])
-                    say(f"stage {stage.name}: SWD x1e3 avg {record['swd']['avg']:.2f} "
-                        f"({', '.join(f'{k}: {v:.2f}' for k, v in record['swd']['swd_x1e3'].items())})")
-                if report is not None:
-                    report(record)
-        _export_final(cfg, storage, run_url, all_stages[-1])
-        set_state("completed", all_stages[-1], note=f"completed in {time.perf_counter() - t_run:.0f} s")
-        say(f"run {cfg.run.name} completed at {nimg / 1000:.1f} kimg; final generator: "
+                raise Stopped() from None
+            raise RunFailed(_failure_message(e, machine), _stage_of(machine)) from None
+        if stop.is_set():
+            raise Stopped()
+        _check_complete(storage, run_url, all_stages, machine)
+        machine.complete(time.perf_counter() - t_run)
+        if machine.bar is not None:
+            machine.bar.close()
+            machine.bar = None
+        say(f"run {cfg.run.name} completed at {total / 1000:.1f} kimg; final generator: "
             f"{join(run_url, FINAL_SNAPSHOT)}")
-        if bar is not None:
-            bar.close()
-            bar = None
-        print(swd_table(read_metrics(storage, run_url)), flush=True)
-        return 0
+        print(swd_table(read_records(storage, run_url)), flush=True)
+        code = 0
     except KeyboardInterrupt:  # Stopped, or the KeyboardInterrupt ray.get raises for it
-        _best_effort(lambda: set_state("stopped", None, note="stopped on request; start the same command again "
-                                                             "to resume"))
-        # The ticks after the state: `ray job stop` allows a few seconds before its SIGKILL.
-        _best_effort(save_ticks, "the metric history")
+        _best_effort(machine.stop)
         say("stopped; start the same command again to resume from the last checkpoint")
-        return 130
-    except _StageFailed as e:
-        # The failing stage's ticks (non-finite counts, checkpoint retries) are history too.
-        _best_effort(save_ticks, "the metric history")
-        _best_effort(lambda: set_state("failed", e.stage, note=e.message))
+        code = 130
+    except RunFailed as e:
+        _best_effort(lambda: machine.fail(e.message, e.stage))
         print(f"error: {e.message}", file=sys.stderr, flush=True)
-        return 1
+        code = 1
     except StorageUnavailable as e:
         msg = (f"storage unavailable: {e}. The run stopped; nothing half-written counts as a checkpoint. Run the "
                "same command again when storage is back to resume from the last complete checkpoint")
-        _best_effort(lambda: set_state("failed", None, note=msg))
+        _best_effort(lambda: machine.fail(msg, None))
         print(f"error: {msg}", file=sys.stderr, flush=True)
-        return 1
+        code = 1
     finally:
-        if bar is not None:
-            bar.close()
+        if machine.bar is not None:
+            machine.bar.close()
+    _linger(cfg, port)
+    return code
 
 
-class _StageFailed(Exception):
-    def __init__(self, stage: Stage, cause: BaseException):
-        self.stage = stage
-        root = cause
-        while getattr(root, "__cause__", None) is not None:
-            root = root.__cause__
-        text = str(root).strip()
-        detail = text.splitlines()[-1] if text else type(root).__name__
-        if "StorageUnavailable" in type(root).__name__ or "gave up after" in text:
-            detail += ("; storage stayed unavailable past storage.retry_max_wait_s. Nothing half-written counts as "
-                       "a checkpoint: run the same command again when storage is back")
-        elif "WorkerGroupStartupTimeout" in type(root).__name__ or "start" in text.lower() and "timeout" in text.lower():
-            # Ray's message goes on to suggest its own environment variable: keep its first sentence only.
-            detail = detail.split(". ")[0].rstrip(".") + (
-                "; the cluster could not place the workers within cluster.start_timeout_s: ask for fewer "
-                "workers (cluster.num_workers), fewer CPUs/GPUs per worker, or a bigger cluster")
-        elif not text.startswith("stage "):
-            detail = f"{type(root).__name__}: {detail}"
-        self.message = detail if detail.startswith("stage ") else f"stage {stage.name} failed: {detail}"
-        super().__init__(self.message)
+def _stage_of(machine: StageMachine) -> Stage | None:
+    i = machine.state.stage_index
+    return machine.stages[i] if i is not None else None
+
+
+def _check_complete(storage: Storage, run_url: str, all_stages: list[Stage], machine: StageMachine) -> None:
+    """After a fit that ended without an error: every stage trained and evaluated, or the worker's fatal error."""
+    machine.poll()
+    if machine.fatal:
+        raise RunFailed(machine.fatal, _stage_of(machine))
+    missing = [st.name for st in all_stages if not evaluated(storage, run_url, st.name)]
+    if missing or not storage.exists(join(run_url, FINAL_SNAPSHOT)):
+        raise RunFailed(f"the workers ended with stages {', '.join(missing) or '(none)'} not evaluated and "
+                        f"no final generator; see the job's log", _stage_of(machine))
+
+
+def _failure_message(e: BaseException, machine: StageMachine) -> str:
+    """A plain message for a failed fit, from the failure's type: Ray Train wraps what a worker raised
+    (WorkerGroupError.worker_failures) or what stopped the controller (ControllerError.controller_failure)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    st = _stage_of(machine)
+    where = f"stage {st.name} failed" if st else "the run failed"
+    if isinstance(e, ControllerError) and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+        return (f"{where}: the cluster could not place {machine.cfg.cluster.num_workers} worker(s) within "
+                f"cluster.start_timeout_s ({machine.cfg.cluster.start_timeout_s:g} s): ask for fewer workers "
+                f"(cluster.num_workers), fewer CPUs/GPUs per worker, or a bigger cluster")
+    roots = list(e.worker_failures.values()) if isinstance(e, WorkerGroupError) else \
+        [e.controller_failure] if isinstance(e, ControllerError) else [e]
+    root = roots[0] if roots else e
+    while getattr(root, "__cause__", None) is not None:
+        root = root.__cause__
+    if isinstance(root, StorageUnavailable) or type(root).__name__ == "StorageUnavailable":
+        return (f"{where}: {str(root).strip().splitlines()[-1] if str(root).strip() else 'storage unavailable'}; "
+                "storage stayed unavailable past storage.retry_max_wait_s. Nothing half-written counts as a "
+                "checkpoint: run the same command again when storage is back")
+    text = str(root).strip()
+    return f"{where}: {type(root).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
+
+
+def _reconcile_history(storage: Storage, run_url: str, all_stages: list[Stage]) -> None:
+    """Evaluation records that a previous driver did not get to write into the history (it died between the
+    workers' commit and its own write) are added from their markers."""
+    if not storage.exists(join(run_url, EVAL_DIR)):
+        return
+    have = {(r.get("event"), r.get("stage")) for r in read_records(storage, run_url)}
+    missing = []
+    if ("baseline", None) not in have and (rec := evaluated(storage, run_url, "baseline")):
+        missing.append(rec)
+    for st in all_stages:
+        if ("stage_end", st.name) not in have and (rec := evaluated(storage, run_url, st.name)):
+            missing.append(rec)
+    append_records(storage, run_url, missing)
+
+
+def _linger(cfg: RunConfig, port: int | None) -> None:
+    """Keep the exporter up a little after the run ends, so Prometheus scrapes its final state."""
+    if not port or not cfg.metrics.linger_s:
+        return
+    say(f"metrics stay up for {cfg.metrics.linger_s:g} s (metrics.linger_s) so Prometheus sees the final state")
+    try:
+        time.sleep(cfg.metrics.linger_s)
+    except KeyboardInterrupt:
+        pass
 
 
 class _ProgressBar:
-    """A local progress bar over the whole run (kimg), fed from the hub's latest report; terminals only."""
+    """A local progress bar over the whole run (kimg), fed from the reports the driver drains; terminals only."""
 
-    def __init__(self, hub: Any, run: str, trial: str | None, total: int, nimg: int):
+    def __init__(self, total: int, nimg: int):
         from tqdm import tqdm
 
         self.bar = tqdm(total=round(total / 1000, 1), initial=round(nimg / 1000, 1), unit="kimg", leave=False,
                         dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._poll, args=(hub, run, trial), daemon=True)
-        self.thread.start()
 
-    def _poll(self, hub: Any, run: str, trial: str | None) -> None:
-        while not self.done.wait(1.0):
-            try:
-                latest = ray.get(hub.get_latest.remote(run, trial), timeout=5) or {}
-            except Exception:  # noqa: BLE001 - the bar is cosmetic
-                continue
-            if "nimg" in latest:
-                self.bar.n = round(latest["nimg"] / 1000, 1)
-                self.bar.set_description(f"{latest.get('stage', '')} a={latest.get('alpha', 1):.2f}")
-                self.bar.refresh()
+    def update(self, tick: dict[str, Any]) -> None:
+        self.bar.n = round(tick["nimg"] / 1000, 1)
+        self.bar.set_description(f"{tick.get('stage', '')} a={tick.get('alpha', 1):.2f}")
+        self.bar.refresh()
 
     def close(self) -> None:
-        self.done.set()
-        self.thread.join(timeout=5)
         self.bar.close()
 
 
@@ -404,25 +382,3 @@ def _best_effort(fn: Any, what: str = "the run state") -> None:
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not record {what} ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr,
               flush=True)
-
-
-def _export_final(cfg: RunConfig, storage: Storage, run_url: str, last: Stage) -> None:
-    ck = load_checkpoint_at(storage, run_url, last.end)
-    G = g_ema_from_state(cfg, ck.state["trainer"])
-    save_snapshot(storage, join(run_url, FINAL_SNAPSHOT), G.state_dict(), cfg.model.model_dump(mode="json"),
-                  last.resolution, last.end, extra={"run": cfg.run.name, "config": cfg.to_json()})
-
-
-def _install_stop_handlers() -> threading.Event:
-    """SIGTERM (ray job stop, Kubernetes) and SIGINT mark the run stopped instead of failed."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        return stop
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-        raise Stopped()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop

@@ -1,9 +1,13 @@
-"""The per-worker loop for one stage, run by Ray Train's TorchTrainer on every data-parallel rank.
+"""The per-worker loop over the stages of one Ray Train run (one TorchTrainer.fit), on every data-parallel rank.
 
-Sections (each a call): setup -> restore -> [fetch data, train step, counters, tick: report + checkpoint] -> finish.
-Every rank runs the same number of steps and reports the same number of times (report is a barrier);
-only rank 0 writes checkpoints and prints progress. The image count comes from the checkpoint, so a
-restarted worker group (max_failures) continues at the exact position.
+Sections (each a call): setup -> restore the newest verified checkpoint (whichever stage it belongs to) ->
+[baseline] -> per stage: [fetch data, train step, counters, tick: report + checkpoint] -> stage-end evaluation
+(every rank its share) -> next stage. Every rank runs the same number of steps and reports the same number of
+times (report is a barrier); only rank 0 writes checkpoints, grids and snapshots and prints progress. The image
+count comes from the checkpoint, so a restarted worker group (max_failures) continues at the exact position.
+
+Reports (plain dicts, see :mod:`pggan.records`): ``tick`` every metrics tick (the last tick of a stage carries
+``stage_done``), ``stage_end`` with the evaluation record, ``baseline`` with the untrained generator's SWD.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ from typing import Any
 import ray.train  # 1. Ray Train: context, report
 import torch
 
-from .checkpoint import load_latest, prune, save_checkpoint
+from .checkpoint import load_checkpoint_at, load_latest, prune, save_checkpoint
 from .config import RunConfig, from_json
 from .schedule import Stage, lr_at, stages, total_nimg
+from .stage_eval import StageEvaluator, evaluated
 from .storage import Storage, StorageUnavailable
 
 
-def stage_job(cfg: RunConfig, stage_index: int, run_url: str, data_url: str) -> dict[str, Any]:
-    """The train_loop_config of one stage: plain JSON-able data (config is re-validated on arrival)."""
-    return {"config": cfg.to_json(), "stage_index": stage_index, "run_url": run_url, "data_url": data_url}
+def run_job(cfg: RunConfig, run_url: str, data_url: str) -> dict[str, Any]:
+    """The train_loop_config of one fit: plain JSON-able data (config is re-validated on arrival)."""
+    return {"config": cfg.to_json(), "run_url": run_url, "data_url": data_url}
 
 
 @dataclass
@@ -35,13 +40,14 @@ class _Tick:
     steps: int = 0
     sums: dict[str, float] = field(default_factory=dict)
 
-    def add(self, stats: dict[str, float]) -> None:
+    def add(self, stats: dict[str, Any]) -> None:
+        """Sum a step's statistics; values may be device tensors (no host synchronisation until means())."""
         self.steps += 1
         for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        return {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
 
 
 class _CheckpointWriter:
@@ -115,6 +121,20 @@ def _setup_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _undo_ray_niceness() -> None:
+    """Ray starts its worker processes at a lower CPU priority (nice 15) than its own system processes; the
+    training loop then yields the CPU to every Ray daemon tick, which costs far more than the step at small
+    resolutions. Back to the priority the node started with where the OS allows it (it does not for non-root)."""
+    import os
+
+    try:
+        current = os.nice(0)
+        if current > 0:
+            os.nice(-current)
+    except OSError:
+        pass
+
+
 def _quiet_ray_train_loggers() -> None:
     """No INFO line per report ("Reporting training result ..."): Ray Train v2 logs it from a logger named by
     its source file's path, not by module, so the "ray.train" logger's level does not reach it."""
@@ -124,25 +144,35 @@ def _quiet_ray_train_loggers() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_stage(job: dict[str, Any]) -> None:
-    """Ray Train entry point: train stage ``job['stage_index']`` to its end (or resume it)."""
+def train_run(job: dict[str, Any]) -> None:
+    """Ray Train entry point: train from the newest checkpoint through every remaining stage."""
     _quiet_ray_train_loggers()
+    _undo_ray_niceness()
     try:
-        _StageRun(job).run()
+        _WorkerRun(job).run()
     except StorageUnavailable as e:
         # Past the retry budget. Ray logs the error with its traceback on every rank: without the storage client's
         # chain of connection errors (a hundred lines) the message still says what, how often and the last error.
         raise StorageUnavailable(str(e)) from None
 
 
-class _StageRun:
-    """One rank's view of one stage: restore, loop over steps, tick (report + checkpoint), finish."""
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (num_workers=0 tests)
+        return ""
+
+
+class _WorkerRun:
+    """One rank's view of one fit: restore, then per stage: loop over steps, tick (report + checkpoint), evaluate."""
 
     def __init__(self, job: dict[str, Any]):
         from .data import open_dataset
 
         self.cfg = cfg = from_json(job["config"])  # validated again on arrival
-        self.stage: Stage = stages(cfg)[job["stage_index"]]
+        self.stages = stages(cfg)
         self.run_url: str = job["run_url"]
         ctx = ray.train.get_context()  # 3. Ray Train: rank and world size
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -153,27 +183,80 @@ class _StageRun:
         # The synthetic set is one fixed dataset (generator seed 0), like a real one: run.seed only shuffles it.
         self.dataset = open_dataset(job["data_url"], self.storage, cfg.data.resolution or cfg.model.max_resolution,
                                     synthetic_images=cfg.data.synthetic_images)
+        self.evaluator = StageEvaluator(cfg, self.storage, self.run_url, self.dataset, job["data_url"], self.device)
         self.writer = _CheckpointWriter(self.storage, self.run_url, cfg.checkpoint.keep) if self.is_main else None
+        self.node_id = _node_id()
+        self._loader: Any = None
         self.rolled_back = False
+        self.stage: Stage = self.stages[0]
+        self.tick = _Tick()
+        self.times: dict[str, float] = {}
+        self.group_start_nimg = 0
+        self.restored_from = "scratch"
 
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
 
-    # ---- build and restore ------------------------------------------------------------------------
-    def restore(self) -> None:
-        """Trainer from the newest complete checkpoint up to the stage end (or fresh), and a loader positioned
-        at the exact batch that image count corresponds to."""
+    # ---- the fit --------------------------------------------------------------------------------------
+    def run(self) -> None:
         from .training import GanTrainer
 
-        st = self.stage
         # Same initial weights on every rank (seeded); gradients are all-reduced once per backward.
         self.trainer = GanTrainer.from_config(self.cfg, device=self.device)
-        ck = load_latest(self.storage, self.run_url, max_nimg=st.end, log=self.log)
+        self.group_start_time = time.time()
+        self.restore(self.total)
+        self.group_start_nimg = self.nimg
+        if self.nimg == 0 and self.cfg.metrics.swd_images and evaluated(self.storage, self.run_url, "baseline") is None:
+            self.report(event="baseline", record=self.evaluator.baseline(self.trainer.G_ema))
+        ready = time.time()
+        for st in self.stages:
+            if self.nimg < st.end:
+                if not self.train_stage(st, ready):
+                    return  # fatal: reported to the driver, which fails the run
+            if evaluated(self.storage, self.run_url, st.name) is None:
+                self.evaluate(st)
+            ready = time.time()
+        if self.writer is not None:
+            self.writer.wait()
+
+    def restore(self, max_nimg: int) -> None:
+        """Trainer state from the newest complete checkpoint up to max_nimg (or the fresh one)."""
+        ck = load_latest(self.storage, self.run_url, max_nimg=max_nimg, log=self.log)
         self.nimg = 0
         if ck is not None:
             self.trainer.load_state_dict(ck.state["trainer"])
             self.nimg = ck.nimg
+        self.restored_from = ck.url.rsplit("/", 1)[-1] if ck is not None else "scratch"
+
+    # ---- one stage ------------------------------------------------------------------------------------
+    def train_stage(self, st: Stage, ready: float) -> bool:
+        """Train stage st from self.nimg to its end. Returns False on a fatal error (already reported)."""
+        cfg = self.cfg
+        self.stage = st
+        self.times = {"ready": ready}
+        self.start_stage()
+        tick_nimg = cfg.metrics.tick_nimg(st.resolution)
+        ckpt_nimg = max(round(cfg.checkpoint.every_kimg * 1000), 1)
+        while self.nimg < st.end:
+            before = self.nimg
+            self.train_one_step()
+            if "first_step" not in self.times:
+                self.times["first_step"] = time.time()
+            at_end = self.nimg >= st.end
+            due_ckpt = at_end or self.nimg // ckpt_nimg > before // ckpt_nimg
+            due_tick = at_end or due_ckpt or self.nimg // tick_nimg > before // tick_nimg
+            if due_tick and self.nonfinite_in_row() >= cfg.optim.max_nonfinite_in_row:
+                if not self.handle_nonfinite():
+                    return False
+                continue
+            if due_tick:
+                self.end_tick(checkpoint=due_ckpt, at_end=at_end)
+        self.times["trained"] = time.time()
+        return True
+
+    def start_stage(self) -> None:
+        st = self.stage
         if self.nimg < st.start:
             raise RuntimeError(f"stage {st.name} starts at {st.start} images but the latest complete checkpoint "
                                f"is at {self.nimg}: the previous stage did not finish")
@@ -182,39 +265,17 @@ class _StageRun:
             self.trainer.reset_optimizers(st.lr)  # the paper resets Adam at every stage change
         self.log(f"[{st.name}] {'resuming' if mid_stage else 'starting'} at {self.nimg / 1000:.1f} kimg "
                  f"(stage {st.start / 1000:.1f}..{st.end / 1000:.1f} kimg, {self.world} worker(s), "
-                 f"{self.device.type}) from {ck.url.rsplit('/', 1)[-1] if ck is not None else 'scratch'}")
-        # Where and when this worker group (re)started the stage: every tick carries it, so the metric
-        # history shows restarts, the checkpoint each resumed from and the images trained twice.
-        self.group_start_nimg, self.group_start_time = self.nimg, time.time()
-        if getattr(self, "_loader", None) is not None:
-            self._loader.close()  # a rollback: stop the old prefetch thread
+                 f"{self.device.type}) from {self.restored_from}")
+        self.restored_from = "the previous stage"
+        if self._loader is not None:
+            self._loader.close()  # the previous stage's (or a rollback's) prefetch thread
         self._loader = self.dataset.loader(
             st.resolution, rank=self.rank, world_size=self.world, batch_size=st.minibatch // self.world,
             seed=self.cfg.run.seed * 1000 + st.index, mirror=self.cfg.data.mirror,
             start_batch=(self.nimg - st.start) // st.minibatch)
         self.loader = iter(self._loader)
         self.tick = _Tick(start_nimg=self.nimg)
-        self.nonfinite_in_row = 0
-
-    # ---- the loop ---------------------------------------------------------------------------------
-    def run(self) -> None:
-        st, cfg = self.stage, self.cfg
-        self.restore()
-        tick_nimg = cfg.metrics.tick_nimg(st.resolution)
-        ckpt_nimg = max(round(cfg.checkpoint.every_kimg * 1000), 1)
-        while self.nimg < st.end:
-            before = self.nimg
-            self.train_one_step()
-            if self.nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
-                if not self.handle_nonfinite():
-                    return  # fatal: reported to the driver, which fails the run
-                continue
-            at_end = self.nimg >= st.end
-            due_ckpt = at_end or self.nimg // ckpt_nimg > before // ckpt_nimg
-            if at_end or due_ckpt or self.nimg // tick_nimg > before // tick_nimg:
-                self.end_tick(checkpoint=due_ckpt, wait=at_end)
-        if self.writer is not None:
-            self.writer.wait()
+        self._in_row = 0
 
     def train_one_step(self) -> None:
         st = self.stage
@@ -223,19 +284,25 @@ class _StageRun:
         stats = self.trainer.train_step(reals, st.resolution, st.alpha(self.nimg), self.nimg, st.minibatch)
         self.nimg += st.minibatch
         self.tick.add(stats)
-        # Gradients are all-reduced before the finiteness check, so every rank agrees on this count.
-        self.nonfinite_in_row = self.nonfinite_in_row + 1 if stats.get("nonfinite") else 0
+        nf = stats.get("nonfinite", 0.0)
+        if not isinstance(nf, torch.Tensor):  # a host value: count here; device values are read at ticks
+            self._in_row = self._in_row + 1 if nf else 0
+
+    def nonfinite_in_row(self) -> int:
+        """Consecutive non-finite steps so far (all ranks agree: gradients are all-reduced before the check)."""
+        counted = getattr(self.trainer, "nonfinite_in_row", None)
+        return int(counted) if counted is not None else self._in_row
 
     def handle_nonfinite(self) -> bool:
         """Roll the stage back to its last checkpoint once; the second time, report a fatal error.
-        Returns False when the stage must end."""
-        st, n = self.stage, self.nonfinite_in_row
+        Returns False when the run must end."""
+        st, n = self.stage, self.nonfinite_in_row()
         if self.rolled_back:
             msg = (f"stage {st.name}: losses were non-finite for {n} steps in a row at {self.nimg / 1000:.1f} kimg, "
                    f"again after rolling back once; lower the learning rate (schedule.lr_base / schedule.lr_dict, "
                    f"now {st.lr:g})")
             self.log(f"[{st.name}] {msg}")
-            self.report(fatal=msg)
+            self.report(fatal=msg, fatal_kind="nonfinite")
             return False
         self.log(f"[{st.name}] {n} non-finite steps in a row at {self.nimg / 1000:.1f} kimg: rolling back to the "
                  "last checkpoint (once)")
@@ -243,40 +310,52 @@ class _StageRun:
             self.writer.wait()  # the checkpoint every rank is about to load must be complete
         self.report(event="rollback")  # a barrier: no rank loads before rank 0's write has landed
         self.rolled_back = True
-        self.restore()
+        self.restore(st.end)
+        self.start_stage()
         return True
 
+    def evaluate(self, st: Stage) -> None:
+        """Stage-end evaluation on every rank; G_ema must be the stage's final one."""
+        t0 = time.time()
+        G = self.trainer.G_ema
+        if self.nimg != st.end:  # a stage trained by an earlier group whose evaluation never finished
+            from .stage_eval import g_ema_from_state
+
+            G = g_ema_from_state(self.cfg, load_checkpoint_at(self.storage, self.run_url, st.end).state["trainer"])
+            G = G.to(self.device)
+        record = self.evaluator.stage_end(G, st, last=st is self.stages[-1])
+        if self.writer is not None:
+            self.writer.wait()  # the stage's final checkpoint is committed before the driver hears of the end
+        times = self.times if self.stage is st else {}
+        record["times"] = {**times, "eval_start": t0, "evaluated": time.time()}
+        record["nodes"] = [self.node_id]
+        self.report(event="stage_end", record=record)
+
     # ---- maintenance per tick: checkpoint (rank 0), then one report from every rank ---------------
-    def end_tick(self, checkpoint: bool, wait: bool) -> None:
+    def end_tick(self, checkpoint: bool, at_end: bool) -> None:
         st = self.stage
         if checkpoint and self.writer is not None:
             self.writer.submit(self.nimg, {"trainer": _cpu_state(self.trainer), "nimg": self.nimg,
                                            "stage_index": st.index},
                                {"stage_index": st.index, "stage": st.name, "resolution": st.resolution,
                                 "fingerprint": self.cfg.model_fingerprint(), "run": self.cfg.run.name})
-            if wait:
-                self.writer.wait()  # the driver evaluates this checkpoint next
-        m = self.report()
+        m = self.report(stage_done=at_end)
         self.log(f"[{st.name}] res {st.resolution:>4} alpha {m['alpha']:.3f} "
                  f"kimg {self.nimg / 1000:8.1f}/{self.total / 1000:.1f} img/s {m['img_per_s']:7.1f} "
                  f"loss G {m['loss_G']:+.3f} D {m['loss_D']:+.3f} gp {m['gp']:.3f}")
         self.tick = _Tick(start_nimg=self.nimg)
 
     def report(self, **extra: Any) -> dict[str, Any]:
-        st = self.stage
+        from .records import tick_record
+
         elapsed = time.perf_counter() - self.tick.start_time
-        means = self.tick.means()
-        metrics = {
-            "nimg": self.nimg, "kimg": self.nimg / 1000, "stage_index": st.index, "stage": st.name,
-            "resolution": st.resolution, "alpha": st.alpha(self.nimg), "progress": (self.nimg - st.start) / st.nimg,
-            "total_nimg": self.total, "img_per_s": (self.nimg - self.tick.start_nimg) / max(elapsed, 1e-9),
-            "loss_G": means.get("loss_G", float("nan")), "loss_D": means.get("loss_D", float("nan")),
-            "gp": means.get("gp", 0.0), "nonfinite_total": self.trainer.counters.nonfinite_steps,
-            "time": time.time(),
-            "checkpoints": self.writer.drain_results() if self.writer is not None else [],
-            "checkpoint_retries": self.writer.retries if self.writer is not None else 0,
-            "group_start_nimg": self.group_start_nimg, "group_start_time": self.group_start_time,
-            **extra,
-        }
+        metrics = tick_record(
+            nimg=self.nimg, stage=self.stage, total_nimg=self.total,
+            img_per_s=(self.nimg - self.tick.start_nimg) / max(elapsed, 1e-9), means=self.tick.means(),
+            nonfinite_total=int(self.trainer.counters.nonfinite_steps),
+            checkpoints=self.writer.drain_results() if self.writer is not None else [],
+            checkpoint_retries=self.writer.retries if self.writer is not None else 0,
+            group_start_nimg=self.group_start_nimg, group_start_time=self.group_start_time, node_id=self.node_id,
+            **extra)
         ray.train.report(metrics)  # 4. Ray Train: per-tick report (a barrier: every rank, same count)
         return metrics

@@ -4,7 +4,7 @@ Layout under ``<run_url>/``::
 
     checkpoints/ckpt-<nimg:012d>/state.pt    torch.save of tensors and plain types only
     checkpoints/ckpt-<nimg:012d>/meta.json   written LAST: size + sha256 of state.pt, nimg, stage, fingerprint
-    snapshots/snapshot-<kimg:06d>.pt         G_ema weights + model config (for generate/evaluate)
+    snapshots/snapshot-<nimg:012d>.pt        G_ema weights + model config (for generate/evaluate)
     final/generator.pt                       the final G_ema snapshot
 
 A checkpoint counts only once its meta.json exists and state.pt matches it, so a crash or an outage
@@ -165,4 +165,4 @@ def load_snapshot(storage: Storage, url: str) -> dict[str, Any]:
 
 
 def snapshot_url(run_url: str, nimg: int) -> str:
-    return join(run_url, SNAPSHOT_DIR, f"snapshot-{nimg // 1000:06d}.pt")
+    return join(run_url, SNAPSHOT_DIR, f"snapshot-{nimg:012d}.pt")  # images, as checkpoints: unique below 1 kimg
