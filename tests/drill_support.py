@@ -349,11 +349,12 @@ class RunDir:
         return f"{self.path}/checkpoints/ckpt-{nimg:012d}"
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The run's metric history (history/part-*.jsonl in order; see pggan.history)."""
         try:
-            raw = self.fs.cat_file(f"{self.path}/metrics.jsonl").decode()
+            parts = sorted(p for p in self.fs.ls(f"{self.path}/history", detail=False) if p.endswith(".jsonl"))
         except FileNotFoundError:
             return []
-        return [json.loads(x) for x in raw.splitlines() if x.strip()]
+        return [json.loads(x) for p in parts for x in self.fs.cat_file(p).decode().splitlines() if x.strip()]
 
 
 # ---- the cluster's state API ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .checkpoint.store import FINAL_SNAPSHOT, load_latest
 from .config import RunConfig, from_json
 from .errors import UserError
 from .history import append_records, read_records
-from .hub import get_hub
+from .hub import call, get_hub
 from .records import history_tick, stage_seconds
 from .run_state import RunState
 from .schedule import Stage, stages, total_nimg
@@ -120,11 +120,10 @@ class StageMachine:
     def _set(self, to: str, stage: Stage | None = None, note: str = "", nimg: int | None = None) -> None:
         self.state.transition(to, stage_index=stage.index if stage else None, stage=stage.name if stage else None,
                               nimg=self.state.nimg if nimg is None else nimg, note=note)
-        self.state.worker_restarts = self.prev_restarts + ray.get(self.hub.get_restarts.remote(self.cfg.run.name,
-                                                                                                   self.trial))
+        self.state.worker_restarts = self.prev_restarts + call(self.hub, "get_restarts", self.cfg.run.name, self.trial)
         self.state.nonfinite_steps = max(self.state.nonfinite_steps, int(self.latest.get("nonfinite_total", 0)))
         self.state.save(self.storage, self.run_url)
-        ray.get(self.hub.set_state.remote(self.cfg.run.name, self.trial, to))  # awaited: the exporter shows it
+        call(self.hub, "set_state", self.cfg.run.name, self.trial, to)  # awaited: the exporter shows it at once
 
     def begin_training(self, st: Stage, nimg: int) -> None:
         self._set("training", st, nimg=nimg)
@@ -169,7 +168,7 @@ class StageMachine:
 
     # ---- reports --------------------------------------------------------------------------------------
     def poll(self) -> None:
-        for rep in ray.get(self.hub.drain.remote(self.cfg.run.name, self.trial)):
+        for rep in call(self.hub, "drain", self.cfg.run.name, self.trial):
             self.on_report(rep)
 
     def on_report(self, rep: dict[str, Any]) -> None:
@@ -211,7 +210,7 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
     state.total_nimg = total
     nimg = _verified_nimg(storage, run_url)
     _reconcile_history(storage, run_url, all_stages)
-    if nimg >= total and evaluated(storage, run_url, all_stages[-1].name) \
+    if nimg >= total and evaluated(storage, run_url, all_stages[-1].name, all_stages[-1].end) \
             and storage.exists(join(run_url, FINAL_SNAPSHOT)):
         state.nimg = nimg
         state.transition("completed", note="already complete: nothing to train")
@@ -238,7 +237,7 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
         machine.bar = _ProgressBar(total, nimg)
     t_run = time.perf_counter()
     try:
-        first = next(st for st in all_stages if nimg < st.end or not evaluated(storage, run_url, st.name))
+        first = next(st for st in all_stages if nimg < st.end or not evaluated(storage, run_url, st.name, st.end))
         if nimg < first.end:
             machine.begin_training(first, nimg)
         else:
@@ -293,7 +292,7 @@ def _check_complete(storage: Storage, run_url: str, all_stages: list[Stage], mac
     machine.poll()
     if machine.fatal:
         raise RunFailed(machine.fatal, _stage_of(machine))
-    missing = [st.name for st in all_stages if not evaluated(storage, run_url, st.name)]
+    missing = [st.name for st in all_stages if not evaluated(storage, run_url, st.name, st.end)]
     if missing or not storage.exists(join(run_url, FINAL_SNAPSHOT)):
         raise RunFailed(f"the workers ended with stages {', '.join(missing) or '(none)'} not evaluated and "
                         f"no final generator; see the job's log", _stage_of(machine))
@@ -329,12 +328,13 @@ def _reconcile_history(storage: Storage, run_url: str, all_stages: list[Stage]) 
     workers' commit and its own write) are added from their markers."""
     if not storage.exists(join(run_url, EVAL_DIR)):
         return
-    have = {(r.get("event"), r.get("stage")) for r in read_records(storage, run_url)}
+    have = {(r.get("event"), r.get("stage"), r.get("nimg")) for r in read_records(storage, run_url)}
     missing = []
-    if ("baseline", None) not in have and (rec := evaluated(storage, run_url, "baseline")):
+    if not any(h[0] == "baseline" for h in have) and (rec := evaluated(storage, run_url, "baseline")):
         missing.append(rec)
     for st in all_stages:
-        if ("stage_end", st.name) not in have and (rec := evaluated(storage, run_url, st.name)):
+        rec = evaluated(storage, run_url, st.name)
+        if rec and ("stage_end", st.name, rec.get("nimg")) not in have:
             missing.append(rec)
     append_records(storage, run_url, missing)
 

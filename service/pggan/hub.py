@@ -87,6 +87,12 @@ class TelemetryHub:
         return self.restarts.get((run, trial), 0)
 
 
+def call(hub: Any, method: str, *args: Any) -> Any:
+    """hub.method(*args) on the actor (waiting for the result) or on a plain TelemetryHub (unit tests)."""
+    fn = getattr(hub, method)
+    return ray.get(fn.remote(*args)) if hasattr(fn, "remote") else fn(*args)
+
+
 def get_hub(host: str, port: int) -> Any:
     """The cluster's hub actor, created on this (the driver's) node on first use."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -106,7 +112,9 @@ class ReportRelay(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics:
-            self.hub.on_report.remote(self.run, self.trial, combine_ranks(metrics))
+            fn = self.hub.on_report
+            (fn.remote if hasattr(fn, "remote") else fn)(self.run, self.trial, combine_ranks(metrics))
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        self.hub.on_worker_restart.remote(self.run, self.trial, 1)
+        fn = self.hub.on_worker_restart
+        (fn.remote if hasattr(fn, "remote") else fn)(self.run, self.trial, 1)

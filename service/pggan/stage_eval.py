@@ -38,10 +38,14 @@ def eval_marker_url(run_url: str, name: str) -> str:
     return join(run_url, EVAL_DIR, f"{name}.json")
 
 
-def evaluated(storage: Storage, run_url: str, name: str) -> dict[str, Any] | None:
-    """The record of a finished evaluation (a stage name, or 'baseline'), or None."""
+def evaluated(storage: Storage, run_url: str, name: str, nimg: int | None = None) -> dict[str, Any] | None:
+    """The record of a finished evaluation (a stage name, or 'baseline'), or None; with nimg, only an evaluation
+    at that image count (a stage lengthened by a larger total_kimg is evaluated again at its new end)."""
     url = eval_marker_url(run_url, name)
-    return storage.read_json(url) if storage.exists(url) else None
+    if not storage.exists(url):
+        return None
+    record = storage.read_json(url)
+    return record if nimg is None or record.get("nimg") == nimg else None
 
 
 def g_ema_from_state(cfg: RunConfig, trainer_state: dict[str, Any]) -> torch.nn.Module:

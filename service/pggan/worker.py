@@ -214,7 +214,7 @@ class _WorkerRun:
             if self.nimg < st.end:
                 if not self.train_stage(st, ready):
                     return  # fatal: reported to the driver, which fails the run
-            if evaluated(self.storage, self.run_url, st.name) is None:
+            if evaluated(self.storage, self.run_url, st.name, st.end) is None:
                 self.evaluate(st)
             ready = time.time()
         if self.writer is not None:
