@@ -140,9 +140,9 @@ def test_status_of_a_training_run_says_stage_progress_rates_checkpoint_and_swd_s
     assert (s["stage"]["index"], s["stage"]["count"], s["stage"]["resolution"]) == (2, 5, 8)
     assert s["stage"]["alpha"] == 1.0 and s["stage"]["progress"] == pytest.approx(0.5)
     assert (s["nimg"], s["total_nimg"]) == (320, 640) and s["progress"] == pytest.approx(0.5)
-    # The last five ticks' mean (the 8x8 stable stage's first tick is slow: start-up), and the medians per
-    # resolution without the first tick of each worker group.
-    assert s["img_per_s"] == pytest.approx((20 + 20 + 20 + 2 + 20) / 5)
+    # Over the last five ticks: their images over their time (the 8x8 stable stage's first tick is slow: start-up);
+    # per resolution the median of the ticks without the first of each worker group.
+    assert s["img_per_s"] == pytest.approx(5 * 32 / (4 * 32 / 20 + 32 / 2))
     assert s["img_per_s_by_resolution"] == {"4": 40.0, "8": 20.0}
     assert s["checkpoint"]["nimg"] == 320 and s["checkpoint"]["count"] == 3
     assert s["checkpoint"]["age_s"] is not None and s["checkpoint"]["url"].endswith("ckpt-000000000320")
@@ -177,11 +177,13 @@ def test_eta_walks_the_rest_of_the_schedule_at_each_resolutions_rate_scaled_by_n
     assert not s["eta"]["if_resumed"]
 
 
-def test_eta_uses_the_startup_and_eval_seconds_of_newer_stage_end_records():
-    ends = [{"event": "stage_end", "eval_seconds": 9.0, "seconds": {"startup": 3.0, "train": 50.0, "eval": 1.0}},
-            {"event": "stage_end", "seconds": {"startup": 5.0, "eval": 2.0}},
-            {"event": "stage_end", "eval_seconds": 4.0}]
-    assert status_mod.stage_overhead_s(ends) == pytest.approx(4.0)  # median of 4, 7, 4
+def test_eta_overhead_is_the_median_eval_plus_the_median_startup_after_the_first_stage():
+    ends = [{"stage_index": 0, "eval_seconds": 9.0, "seconds": {"startup": 52.0, "train": 50.0, "eval": 1.0}},
+            {"stage_index": 1, "seconds": {"startup": 5.0, "eval": 2.0}},
+            {"stage_index": 2, "eval_seconds": 4.0},
+            {"stage_index": 3, "seconds": {"startup": 1.0, "eval": 3.0}}]
+    # eval: median of 1, 2, 4, 3 = 2.5; start-up: median of 5 and 1 (stage 0's holds the cluster start) = 3
+    assert status_mod.stage_overhead_s(ends) == pytest.approx(5.5)
 
 
 def test_status_json_parses_with_the_documented_keys(mid_run, capsys):

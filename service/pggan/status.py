@@ -135,15 +135,18 @@ def measured_rates(ticks: list[dict[str, Any]]) -> dict[int, float]:
 
 
 def stage_overhead_s(stage_ends: list[dict[str, Any]]) -> float:
-    """Seconds per stage outside training: evaluation, plus worker start-up where the record says (median)."""
-    per = []
+    """Seconds per stage outside training: the median evaluation time, plus the median worker start-up where the
+    records say (``seconds.startup``). The first stage's start-up is left out: it holds the one-off cluster start
+    and the first worker group's placement, which the stages after it do not repeat."""
+    evals, startups = [], []
     for r in stage_ends:
         sec = r.get("seconds") if isinstance(r.get("seconds"), dict) else {}
         ev = sec.get("eval", r.get("eval_seconds"))
-        su = sec.get("startup", 0.0)
         if _finite(ev):
-            per.append(float(ev) + (float(su) if _finite(su) else 0.0))
-    return statistics.median(per) if per else 0.0
+            evals.append(float(ev))
+        if _finite(sec.get("startup")) and r.get("stage_index") != 0:
+            startups.append(float(sec["startup"]))
+    return (statistics.median(evals) if evals else 0.0) + (statistics.median(startups) if startups else 0.0)
 
 
 def estimate_eta(stages: list[Any], nimg: int, rates: dict[int, float], model: Any,
@@ -235,8 +238,9 @@ def summarize(view: RunView, now: float | None = None) -> dict[str, Any]:
     out["stage"] = stage_info
 
     # Throughput: the last ticks overall, and per resolution (what the ETA uses).
-    recent = [float(t["img_per_s"]) for t in ticks[-RATE_TICKS:] if _finite(t.get("img_per_s"))]
-    out["img_per_s"] = sum(recent) / len(recent) if recent else None
+    recent = [float(t["img_per_s"]) for t in ticks[-RATE_TICKS:] if _finite(t.get("img_per_s")) and t["img_per_s"] > 0]
+    # Harmonic mean: images over time for ticks of equal images (one quick tick does not lift it much).
+    out["img_per_s"] = len(recent) / sum(1 / r for r in recent) if recent else None
     out["img_per_s_ticks"] = len(recent)
     rates = measured_rates(ticks)
     out["img_per_s_by_resolution"] = {str(k): v for k, v in sorted(rates.items())}
