@@ -547,7 +547,7 @@ def test_k8s_manifests_equal_a_fresh_render_by_the_documented_command():
 # --- Dockerfile --------------------------------------------------------------------------------------------
 
 def test_image_runs_as_the_non_root_user_the_chart_expects():
-    users = re.findall(r"^USER\s+(\d+)(?::(\d+))?\s*$", DOCKERFILE.read_text(), re.M)
+    users = re.findall(r"^USER\s+(\d+)(?::(\d+))?\s*$", _dockerfile_final_stage(), re.M)
     assert users, "the Dockerfile sets no numeric USER"
     uid, gid = users[-1]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -555,6 +555,101 @@ def test_image_runs_as_the_non_root_user_the_chart_expects():
     assert int(uid) == values["podSecurityContext"]["runAsUser"]
     assert int(gid or uid) == values["podSecurityContext"]["runAsGroup"]
     assert re.search(r"^WORKDIR /app$", DOCKERFILE.read_text(), re.M)  # the entrypoint's service/launch.py
+
+
+def _dockerfile_final_stage() -> str:
+    return re.split(r"^FROM\s", DOCKERFILE.read_text(), flags=re.M)[-1]
+
+
+def _dockerignore_includes(path: str) -> bool:
+    """Whether deploy/Dockerfile.dockerignore lets path into the build context (last matching rule wins)."""
+    import fnmatch
+
+    included = True
+    for line in (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pat = line.startswith("!"), line.lstrip("!").rstrip("/")
+        pat = pat.replace("**", "*")
+        parts = path.split("/")
+        if any(fnmatch.fnmatch("/".join(parts[:i]), pat) for i in range(1, len(parts) + 1)):  # path or a parent
+            included = negate
+    return included
+
+
+def test_dockerignore_matcher_sees_exclusions():
+    assert not _dockerignore_includes("tests/test_deploy.py")
+    assert not _dockerignore_includes("service/pggan/__pycache__/x.pyc")
+    assert _dockerignore_includes("pyproject.toml")
+
+
+def test_the_charts_entrypoint_script_is_in_the_image_under_its_workdir():
+    entry = yaml.safe_load((CHART / "templates" / "rayjob.yaml").read_text().split("entrypoint:", 1)[1]
+                           .splitlines()[0])
+    argv = shlex.split(entry)
+    assert argv[0] == "python" and argv[1] == "service/launch.py", argv
+    assert (ROOT / argv[1]).is_file() and _dockerignore_includes(argv[1])
+    final = _dockerfile_final_stage()
+    assert re.search(r"^WORKDIR /app$", final, re.M)
+    assert re.search(r"^COPY --from=build\b.*\s/app /app$", DOCKERFILE.read_text(), re.M)  # /app/service/launch.py
+    assert re.search(r"^COPY service/ service/$", DOCKERFILE.read_text(), re.M)
+    assert re.search(r"^ENV PATH=/opt/venv/bin:\$PATH", final, re.M)  # `python` and `ray` are the venv's
+
+
+def test_a_login_shell_keeps_the_images_virtualenv_on_path(tmp_path):
+    # KubeRay (ENABLE_LOGIN_SHELL=true) starts Ray with bash -l: Debian's /etc/profile resets PATH to the
+    # system default, then sources /etc/profile.d/*.sh, where the image puts deploy/docker/profile.sh.
+    final = _dockerfile_final_stage()
+    (src,) = re.findall(r"^COPY (\S+) /etc/profile\.d/[\w.-]+\.sh$", final, re.M)
+    assert _dockerignore_includes(src)
+    profile = tmp_path / "profile"
+    profile.write_text('PATH="/usr/local/bin:/usr/bin:/bin"; export PATH\n'  # what Debian's /etc/profile does
+                       f'. "{ROOT / src}"\n. "{ROOT / src}"\n')  # sourced twice: no duplicate entry
+    out = subprocess.run(["bash", "--noprofile", "--norc", "-c", f'. "{profile}"; printf %s "$PATH"'],
+                         capture_output=True, text=True, check=True, env={"PATH": "/opt/venv/bin:/bin"}).stdout
+    assert out == "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+
+
+def _dockerfile_pins() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+_VERSION)=(\S+)$", DOCKERFILE.read_text(), re.M))
+
+
+def test_the_images_pins_are_the_projects():
+    pins = _dockerfile_pins()
+    project = yaml.safe_load(json.dumps(__import__("tomllib").loads((ROOT / "pyproject.toml").read_text())))
+    deps = project["project"]["dependencies"]
+    assert f"torch=={pins['TORCH_VERSION']}" in deps
+    assert any(re.fullmatch(rf"ray\[[\w,]+\]=={re.escape(pins['RAY_VERSION'])}", d) for d in deps), deps
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["ray"]["version"] == pins["RAY_VERSION"]
+
+
+@pytest.mark.integration
+def test_the_python_dependencies_the_image_installs_resolve_with_the_pinned_torch_and_ray(tmp_path):
+    """The Dockerfile's `pip install` requirement lines, with its ARG defaults, resolve (pip --dry-run from the
+    package index; there is no Docker daemon to build the image here)."""
+    import sys
+
+    pins = _dockerfile_pins()
+    reqs: list[str] = []
+    for run in re.findall(r"^RUN (.*?)(?<!\\)$", DOCKERFILE.read_text().replace("\\\n", " "), re.M | re.S):
+        for cmd in re.findall(r"pip install ([^;&]+)", run):
+            for arg in shlex.split(cmd):
+                if arg.startswith("--"):
+                    break  # --index-url ...: the alternative CUDA index, not a requirement
+                reqs.append(re.sub(r"\$\{(\w+)\}", lambda m: pins[m.group(1)], arg))
+    assert reqs.count(".") == 1 and f"torch=={pins['TORCH_VERSION']}" in reqs, reqs
+    assert any(r.startswith("ray[") and r.endswith(f"=={pins['RAY_VERSION']}") for r in reqs), reqs
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", str(report), *sorted(set(reqs))], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0 and re.search(r"(?i)connection|network|resolve host|Max retries", proc.stderr):
+        need("the package index", False, proc.stderr[-500:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {re.sub(r"[-_.]+", "-", i["metadata"]["name"].lower()): i["metadata"]["version"]
+           for i in json.loads(report.read_text())["install"]}
+    assert got["torch"].split("+")[0] == pins["TORCH_VERSION"] and got["ray"] == pins["RAY_VERSION"], got
+    assert got["pggan-ray"] and {"fsspec", "s3fs", "pydantic", "prometheus-client"} <= got.keys()
 
 
 # --- Grafana dashboard -------------------------------------------------------------------------------------
