@@ -339,6 +339,17 @@ def test_chart_works_as_a_subchart_with_global_values():
     assert one(out, "RayJob")
 
 
+def test_the_exporter_outlives_the_run_by_at_least_two_scrape_intervals():
+    def linger(*sets: str) -> float:
+        out = docs(render(*sets).stdout)
+        return yaml.safe_load(one(out, "ConfigMap", "-config")["data"]["config.yaml"])["metrics"]["linger_s"]
+
+    assert linger() == 75  # 30 s scrapes
+    assert linger("metrics.serviceMonitor.interval=60s") == 150
+    assert linger("metrics.serviceMonitor.interval=2m") == 300
+    assert linger("metrics.serviceMonitor.interval=60s", "config.metrics.linger_s=20") == 20  # the config wins
+
+
 def test_more_train_workers_than_the_worker_group_holds_is_refused():
     proc = render("config.cluster.num_workers=16", check=False)
     assert proc.returncode != 0 and "num_workers" in proc.stderr

@@ -56,6 +56,14 @@ credential: those come only from the Secret named in s3.existingSecret.
 {{- $metrics := default dict (get $cfg "metrics") -}}
 {{- $_ := set $metrics "port" (int .Values.metrics.port) -}}
 {{- $_ := set $metrics "host" "0.0.0.0" -}}
+{{- /* The exporter outlives the run by at least 2.5 scrape intervals, so the end state is scraped. */ -}}
+{{- if not (hasKey $metrics "linger_s") -}}
+{{- $iv := .Values.metrics.serviceMonitor.interval | toString -}}
+{{- $ivs := 30 -}}
+{{- if regexMatch "^[0-9]+s$" $iv }}{{ $ivs = trimSuffix "s" $iv | int }}{{ end -}}
+{{- if regexMatch "^[0-9]+m$" $iv }}{{ $ivs = mul (trimSuffix "m" $iv | int) 60 }}{{ end -}}
+{{- $_ := set $metrics "linger_s" (max 75 (div (mul $ivs 5) 2)) -}}
+{{- end -}}
 {{- $_ := set $cfg "metrics" $metrics -}}
 {{- $cluster := default dict (get $cfg "cluster") -}}
 {{- if not (hasKey $cluster "num_workers") -}}
