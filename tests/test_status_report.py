@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -258,6 +259,19 @@ def test_watch_refreshes_until_the_run_ends(done_run, capsys):
     assert len(lines) == 1 and json.loads(lines[0])["state"] == "completed"
 
 
+def test_status_lists_the_same_committed_checkpoints_as_the_checkpoint_store(mid_run):
+    from pggan.checkpoint import list_checkpoints
+
+    storage, run_url, _ = mid_run
+    storage.write_bytes(join(run_url, "checkpoints", "ckpt-000000000352", "state.pt"), b"half written")
+    assert status_mod.committed_checkpoints(storage, run_url) == list_checkpoints(storage, run_url) == [128, 256, 320]
+
+
+def test_status_and_report_do_not_import_torch():
+    code = "import sys, pggan.status, pggan.report; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, **SERVICE_ENV}).returncode == 0
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 def test_report_png_decodes_to_the_expected_size_and_html_inlines_every_stage_grid(done_run, tmp_path, capsys):
@@ -340,7 +354,7 @@ def test_status_and_report_on_a_real_tiny_run_on_s3(s3_bucket, tmp_path):
     sets = TINY_SETS + [f"storage.url={url}", f"storage.endpoint_url={endpoint}", "data.synthetic_images=256",
                         "metrics.tick_kimg=0.064", "metrics.tick_kimg_dict={}", "metrics.swd_images=64",
                         "checkpoint.every_kimg=0.064", "ema.half_life_kimg=0.1", "ema.rampup=null"]
-    env = {**__import__("os").environ, **SERVICE_ENV}
+    env = {**os.environ, **SERVICE_ENV}
     cmd = [sys.executable, "service/launch.py", "--preset", "demo", *[a for s in sets for a in ("--set", s)]]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]

@@ -132,7 +132,8 @@ def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> 
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     f_title, f_small = _font(14 * ss), _font(11 * ss)
-    left, right, top, bottom = 62 * ss, W - 14 * ss, 30 * ss, H - 38 * ss
+    left, right, top, bottom = 62 * ss, W - 14 * ss, 46 * ss, H - 38 * ss
+    strip = top - 16 * ss  # the band labels' strip above the data, so no curve hides them
     d.text((left, 8 * ss), p.title, fill=INK, font=f_title)
 
     pts = [(x, y) for s in p.series for x, y in zip(s.x, s.y) if _finite(x) and _finite(y)]
@@ -164,18 +165,21 @@ def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> 
         x0, x1 = X(max(b.x0, xmin)), X(min(b.x1, xmax))
         if x1 <= x0:
             continue
-        d.rectangle([x0, top, x1, bottom], fill=b.fill)
+        d.rectangle([x0, strip, x1, bottom], fill=b.fill)
         for label in b.labels:
             tw = d.textlength(label, font=f_small)
             if tw + 4 * ss < x1 - x0:
-                d.text(((x0 + x1 - tw) / 2, top + 2 * ss), label, fill=(120, 120, 120), font=f_small)
+                d.text(((x0 + x1 - tw) / 2, strip + 2 * ss), label, fill=(110, 110, 110), font=f_small)
                 break
 
     # Y grid and ticks.
     if log_y:
-        yt = [10.0 ** k for k in range(math.floor(ylo), math.ceil(yhi) + 1) if ylo <= k <= yhi]
-        if len(yt) < 2:
-            yt = [10 ** v for v in nice_ticks(ylo, yhi, 4)]
+        yt = []
+        for mults in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)):  # decades; 1-2-5 within a decade or two
+            yt = [m * 10.0 ** k for k in range(math.floor(ylo) - 1, math.ceil(yhi) + 1) for m in mults
+                  if ylo <= math.log10(m * 10.0 ** k) <= yhi]
+            if len(yt) >= 3:
+                break
     else:
         yt = nice_ticks(ylo, yhi, 5)
     for v in yt:
@@ -188,6 +192,7 @@ def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> 
         d.line([x, bottom, x, bottom + 4 * ss], fill=INK, width=ss)
         label = _fmt_tick(v)
         d.text((x - d.textlength(label, font=f_small) / 2, bottom + 6 * ss), label, fill=INK, font=f_small)
+    d.line([left, strip, right, strip], fill=GRID_INK, width=ss)
     d.rectangle([left, top, right, bottom], outline=INK, width=ss)
     xl = "kimg"
     d.text(((left + right - d.textlength(xl, font=f_small)) / 2, H - 16 * ss), xl, fill=INK, font=f_small)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -50,7 +51,6 @@ class RunView:
 
 def load_run(storage: Storage, run_url: str) -> RunView:
     """Read a run directory; a URL with neither config.json nor run_state.json is a UserError (no run there)."""
-    from .checkpoint import ckpt_name, list_checkpoints
     from .config import ConfigError, from_json
 
     run_url = normalize(run_url)
@@ -77,17 +77,28 @@ def load_run(storage: Storage, run_url: str) -> RunView:
     raw_state: dict[str, Any] = storage.read_json(join(run_url, "run_state.json")) if has_state else {}
     known = set(RunState.__dataclass_fields__)
     state = RunState(**{k: v for k, v in raw_state.items() if k in known})
-    ckpts = list_checkpoints(storage, run_url)
+    ckpts = committed_checkpoints(storage, run_url)
     meta: dict[str, Any] = {}
     if ckpts:
         try:
-            meta = storage.read_json(join(run_url, "checkpoints", ckpt_name(ckpts[-1]), "meta.json"))
+            meta = storage.read_json(join(run_url, "checkpoints", f"ckpt-{ckpts[-1]:012d}", "meta.json"))
         except (FileNotFoundError, ValueError):  # pruned between the listing and the read
             meta = {}
     samples = [n for n in storage.listdir(join(run_url, "samples")) if n.endswith(".png")]
     return RunView(run_url=run_url, config=cfg, config_problem=problem, state=state, has_state=has_state,
                    records=read_records(storage, run_url), checkpoints=ckpts, checkpoint_meta=meta, samples=samples,
                    raw_state=raw_state)
+
+
+_CKPT_RE = re.compile(r"^ckpt-(\d{12})$")
+
+
+def committed_checkpoints(storage: Storage, run_url: str) -> list[int]:
+    """Image counts of the committed checkpoints (meta.json present), oldest first: checkpoint.list_checkpoints
+    restated, because importing pggan.checkpoint imports torch (seconds a status should not take)."""
+    base = join(run_url, "checkpoints")
+    return sorted(int(m.group(1)) for m in map(_CKPT_RE.match, storage.listdir(base))
+                  if m and storage.exists(join(base, m.group(0), "meta.json")))
 
 
 # ---- throughput and the ETA ---------------------------------------------------------------------
