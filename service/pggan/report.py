@@ -428,6 +428,7 @@ def _html(title: str, subtitle: str, status: dict[str, Any], panels: list[Image.
     for p in panels:
         parts.append(f"<img alt='plot' src='data:image/png;base64,{_b64(_png(p))}'>")
     parts.append("</div>")
+    parts.append(_stages_html(status["stages"]))
     parts.append(_swd_html(status["swd"]))
     parts.append(f"<h2>Sample grids ({len(grids)} stages, the same latents)</h2><div class='grids'>")
     if not grids:
@@ -444,6 +445,28 @@ def _html(title: str, subtitle: str, status: dict[str, Any], panels: list[Image.
                      f"src='data:image/png;base64,{_b64(g['png'])}'><figcaption>{cap}</figcaption></figure>")
     parts.append("</div></body></html>")
     return "\n".join(parts)
+
+
+def _stages_html(rows: list[dict[str, Any]]) -> str:
+    """The schedule: each stage's kimg range, minibatch, measured img/s and (where recorded) its seconds."""
+    if not rows:
+        return ""
+
+    def sec(r: dict[str, Any], key: str) -> str:
+        v = (r.get("seconds") or {}).get(key)
+        return f"{v:.1f}" if _finite(v) else ""
+
+    out = ["<h2>Stages</h2><table><tr><th>stage</th><th>kind</th><th>kimg</th><th>minibatch</th><th>status</th>"
+           "<th>img/s</th><th>start-up s</th><th>train s</th><th>eval s</th><th>SWD avg</th></tr>"]
+    for r in rows:
+        ips = f"{r['img_per_s']:.1f}" if _finite(r.get("img_per_s")) else ""
+        swd = f"{r['swd_avg']:.2f}" if _finite(r.get("swd_avg")) else ""
+        out.append(f"<tr><td>{html.escape(r['name'])}</td><td>{'fade-in' if r['kind'] == 'fade' else 'stable'}</td>"
+                   f"<td>{r['start_kimg']:g}..{r['end_kimg']:g}</td><td>{r['minibatch']}</td><td>{r['status']}</td>"
+                   f"<td>{ips}</td><td>{sec(r, 'startup')}</td><td>{sec(r, 'train')}</td><td>{sec(r, 'eval')}</td>"
+                   f"<td>{swd}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
 
 
 def _swd_html(swd: dict[str, Any]) -> str:
