@@ -192,6 +192,7 @@ def test_promql_metric_names_finds_selectors_and_skips_functions_labels_and_keyw
     assert promql_metric_names(expr) == {"foo_bucket", "bar", "baz:rec", "qux"}
 
 
+@pytest.mark.integration
 def test_crd_validation_rejects_unknown_fields_and_wrong_types(rendered):
     _need_schemas()
     job = copy.deepcopy(one(rendered, "RayJob"))
@@ -204,11 +205,13 @@ def test_crd_validation_rejects_unknown_fields_and_wrong_types(rendered):
 
 # --- helm --------------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_helm_lint_strict_passes():
     out = helm("lint", "--strict", str(CHART))
     assert "0 chart(s) failed" in out.stdout
 
 
+@pytest.mark.integration
 def test_chart_renders_the_expected_kinds(rendered):
     assert sorted(d["kind"] for d in rendered) == sorted(
         ["ConfigMap", "ConfigMap", "RayJob", "Service", "ServiceMonitor", "PodMonitor", "PrometheusRule"])
@@ -216,12 +219,14 @@ def test_chart_renders_the_expected_kinds(rendered):
     assert all("namespace" not in d["metadata"] for d in rendered)
 
 
+@pytest.mark.integration
 def test_without_the_monitoring_api_no_prometheus_operator_object_renders(rendered_bare):
     # helm install would fail on a cluster without the CRDs if they rendered there.
     assert sorted(d["kind"] for d in rendered_bare) == ["ConfigMap", "ConfigMap", "RayJob", "Service"]
     assert not [d for d in rendered_bare if d["apiVersion"].startswith("monitoring.coreos.com/")]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("monitoring", [True, False], ids=["monitoring-api", "no-monitoring-api"])
 def test_core_kinds_validate_with_kubernetes_validate(monitoring):
     core = [d for d in docs(_default_docs_text(monitoring)) if (d["apiVersion"], d["kind"]) not in CRD_FILES]
@@ -230,6 +235,7 @@ def test_core_kinds_validate_with_kubernetes_validate(monitoring):
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("monitoring", [True, False], ids=["monitoring-api", "no-monitoring-api"])
 def test_custom_resources_validate_against_their_crd_schemas(monitoring):
     custom = [d for d in docs(_default_docs_text(monitoring)) if (d["apiVersion"], d["kind"]) in CRD_FILES]
@@ -240,6 +246,7 @@ def test_custom_resources_validate_against_their_crd_schemas(monitoring):
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"])
 
 
+@pytest.mark.integration
 def test_non_default_values_still_validate_against_the_crd_schemas():
     out = docs(render("worker.gpusPerPod=0", "ray.auth.secretName=my-ray-token", "priorityClassName=training",
                       "job.labels.kueue\\.x-k8s\\.io/queue-name=gpu", "job.annotations.team=ml",
@@ -251,6 +258,7 @@ def test_non_default_values_still_validate_against_the_crd_schemas():
             assert crd_errors(d) == [], d["kind"]
 
 
+@pytest.mark.integration
 def test_pod_templates_inside_the_rayjob_validate_as_core_pod_specs(rendered):
     job = one(rendered, "RayJob")["spec"]
     templates = [job["submitterPodTemplate"], job["rayClusterSpec"]["headGroupSpec"]["template"],
@@ -261,6 +269,7 @@ def test_pod_templates_inside_the_rayjob_validate_as_core_pod_specs(rendered):
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
+@pytest.mark.integration
 def test_rayjob_runs_launch_py_with_the_mounted_config_on_head_and_gpu_workers(rendered):
     job = one(rendered, "RayJob")["spec"]
     assert job["entrypoint"] == "python service/launch.py --config /config/config.yaml"
@@ -283,6 +292,7 @@ def test_rayjob_runs_launch_py_with_the_mounted_config_on_head_and_gpu_workers(r
         assert spec["containers"][0]["resources"]["requests"] and spec["containers"][0]["resources"]["limits"]
 
 
+@pytest.mark.integration
 def test_config_in_the_configmap_is_a_valid_run_config_matching_the_cluster(rendered, tmp_path):
     cm = one(rendered, "ConfigMap", "-config")
     path = tmp_path / "config.yaml"
@@ -297,6 +307,7 @@ def test_config_in_the_configmap_is_a_valid_run_config_matching_the_cluster(rend
     assert cfg.metrics.port == ports["pggan-metrics"] and cfg.metrics.host == "0.0.0.0"
 
 
+@pytest.mark.integration
 def test_values_set_resources_node_selection_and_worker_count():
     out = docs(render("worker.gpusPerPod=4", "worker.replicas=2", "worker.nodeSelector.pool=a100",
                       "worker.resources.limits.memory=200Gi", "head.nodeSelector.pool=cpu",
@@ -312,6 +323,7 @@ def test_values_set_resources_node_selection_and_worker_count():
     assert one(out, "Service")["spec"]["ports"][0]["port"] == 9200
 
 
+@pytest.mark.integration
 def test_cpu_workers_get_no_gpu_request_node_selector_or_toleration():
     out = docs(render("worker.gpusPerPod=0", "worker.nodeSelector.pool=cpu").stdout)
     w = one(out, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
@@ -321,6 +333,7 @@ def test_cpu_workers_get_no_gpu_request_node_selector_or_toleration():
     assert cfg["cluster"]["use_gpu"] is False and cfg["cluster"]["num_workers"] == 8
 
 
+@pytest.mark.integration
 def test_rayjob_labels_annotations_and_priority_class_reach_the_rayjob_and_every_pod():
     out = docs(render("job.labels.kueue\\.x-k8s\\.io/queue-name=gpu-queue", "job.annotations.team=ml",
                       "priorityClassName=training").stdout)
@@ -334,11 +347,13 @@ def test_rayjob_labels_annotations_and_priority_class_reach_the_rayjob_and_every
     assert "priorityClassName" not in json.dumps(one(docs(_default_docs_text()), "RayJob"))
 
 
+@pytest.mark.integration
 def test_chart_works_as_a_subchart_with_global_values():
     out = docs(render("global.imageRegistry=registry.example.com", "global.storageClass=fast").stdout)
     assert one(out, "RayJob")
 
 
+@pytest.mark.integration
 def test_the_exporter_outlives_the_run_by_at_least_two_scrape_intervals():
     def linger(*sets: str) -> float:
         out = docs(render(*sets).stdout)
@@ -350,11 +365,13 @@ def test_the_exporter_outlives_the_run_by_at_least_two_scrape_intervals():
     assert linger("metrics.serviceMonitor.interval=60s", "config.metrics.linger_s=20") == 20  # the config wins
 
 
+@pytest.mark.integration
 def test_more_train_workers_than_the_worker_group_holds_is_refused():
     proc = render("config.cluster.num_workers=16", check=False)
     assert proc.returncode != 0 and "num_workers" in proc.stderr
 
 
+@pytest.mark.integration
 def test_service_and_servicemonitor_scrape_the_exporter_port_on_the_head(rendered):
     svc, sm = one(rendered, "Service"), one(rendered, "ServiceMonitor")
     head = one(rendered, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
@@ -369,10 +386,12 @@ def test_service_and_servicemonitor_scrape_the_exporter_port_on_the_head(rendere
     assert not svc["spec"]["selector"].items() <= workers["metadata"]["labels"].items()
 
 
+@pytest.mark.integration
 def test_prometheusrule_carries_the_rules_file_verbatim(rendered):
     assert one(rendered, "PrometheusRule")["spec"] == yaml.safe_load(RULES.read_text())
 
 
+@pytest.mark.integration
 def test_runbook_base_url_is_rewritten_in_the_prometheusrule_only():
     out = docs(render("metrics.prometheusRule.runbookBaseUrl=https://git.example.com/ml/pggan/README.md").stdout)
     urls = [r["annotations"]["runbook_url"] for g in one(out, "PrometheusRule")["spec"]["groups"]
@@ -380,6 +399,7 @@ def test_runbook_base_url_is_rewritten_in_the_prometheusrule_only():
     assert urls and all(u.startswith("https://git.example.com/ml/pggan/README.md#pggan") for u in urls), urls
 
 
+@pytest.mark.integration
 def test_monitoring_objects_carry_the_kube_prometheus_stack_release_label(rendered):
     for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
         assert one(rendered, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack", kind
@@ -393,6 +413,7 @@ def test_monitoring_objects_carry_the_kube_prometheus_stack_release_label(render
     assert all("release" not in one(out, k)["metadata"]["labels"] for k in ("ServiceMonitor", "PodMonitor"))
 
 
+@pytest.mark.integration
 def test_podmonitor_scrapes_rays_metrics_port_on_head_and_workers_only(rendered):
     pm = one(rendered, "PodMonitor")
     job = one(rendered, "RayJob")["spec"]
@@ -418,6 +439,7 @@ def test_podmonitor_scrapes_rays_metrics_port_on_head_and_workers_only(rendered)
             "action": "replace"} in endpoint["relabelings"]
 
 
+@pytest.mark.integration
 def test_ray_dashboard_is_pointed_at_prometheus_and_grafana_on_the_head_only():
     out = docs(render("ray.dashboard.prometheusHost=http://prom.monitoring.svc:9090",
                       "ray.dashboard.grafanaHost=http://grafana.monitoring.svc",
@@ -436,6 +458,7 @@ def test_ray_dashboard_is_pointed_at_prometheus_and_grafana_on_the_head_only():
 
 # --- Ray token auth ----------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_ray_token_auth_is_on_by_default_and_can_name_a_secret_or_be_disabled(rendered):
     assert one(rendered, "RayJob")["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     out = docs(render("ray.auth.secretName=team-ray-token").stdout)
@@ -446,6 +469,7 @@ def test_ray_token_auth_is_on_by_default_and_can_name_a_secret_or_be_disabled(re
     assert render("ray.auth.mode=open", check=False).returncode != 0
 
 
+@pytest.mark.integration
 def test_no_pod_sets_ray_auth_env_itself(rendered):
     # KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on Ray containers and the submitter only where they are unset.
     assert "RAY_AUTH" not in json.dumps(one(rendered, "RayJob"))
@@ -466,6 +490,7 @@ def _notes(*sets: str) -> str:
     return out.split("NOTES:", 1)[1]
 
 
+@pytest.mark.integration
 def test_notes_say_how_to_reach_the_dashboard_with_the_token_and_name_no_empty_secret():
     notes = _notes()
     assert "RAY_AUTH_TOKEN" in notes and "auth_token" in notes and "notes-pggan-head-svc 8265" in notes
@@ -478,12 +503,14 @@ def test_notes_say_how_to_reach_the_dashboard_with_the_token_and_name_no_empty_s
 
 # --- lifecycle ---------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_the_ray_cluster_is_deleted_soon_after_the_run_ends(rendered):
     spec = one(rendered, "RayJob")["spec"]
     # GPU pods freed within a minute; the exporter's target is down for less than a TargetDown alert's 10 min.
     assert spec["shutdownAfterJobFinishes"] is True and 0 <= spec["ttlSecondsAfterFinished"] <= 60
 
 
+@pytest.mark.integration
 def test_a_deletion_strategy_replaces_shutdown_after_job_finishes():
     out = docs(render("job.deletionStrategy.onSuccess.policy=DeleteCluster",
                       "job.deletionStrategy.onFailure.policy=DeleteWorkers").stdout)
@@ -494,12 +521,14 @@ def test_a_deletion_strategy_replaces_shutdown_after_job_finishes():
     assert spec["shutdownAfterJobFinishes"] is False and "ttlSecondsAfterFinished" not in spec
 
 
+@pytest.mark.integration
 def test_dashboard_configmap_carries_the_dashboard_file_for_the_grafana_sidecar(rendered):
     cm = one(rendered, "ConfigMap", "-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["pggan-dashboard.json"]) == dashboard()
 
 
+@pytest.mark.integration
 def test_monitoring_objects_can_be_switched_off():
     out = docs(render("metrics.serviceMonitor.enabled=false", "metrics.prometheusRule.enabled=false",
                       "metrics.rayPodMonitor.enabled=false", "metrics.grafanaDashboard.enabled=false").stdout)
@@ -508,6 +537,7 @@ def test_monitoring_objects_can_be_switched_off():
 
 # --- secrets -----------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_credentials_come_only_from_the_named_secret(rendered):
     text = _default_docs_text()
     assert "kind: Secret" not in text
@@ -531,12 +561,14 @@ def test_credentials_come_only_from_the_named_secret(rendered):
     f"s3.endpointUrl=http://minio:{FAKE_SECRET}@minio:9000",
     f"extraEnv[0].name=AWS_SECRET_ACCESS_KEY,extraEnv[0].value={FAKE_SECRET}",
 ])
+@pytest.mark.integration
 def test_a_secret_value_in_values_is_refused_and_never_rendered(setting):
     proc = render(setting, check=False)
     assert proc.returncode != 0
     assert FAKE_SECRET not in proc.stdout
 
 
+@pytest.mark.integration
 def test_non_secret_storage_options_and_env_still_render():
     out = render("config.storage.options.anon=false", "extraEnv[0].name=NCCL_DEBUG", "extraEnv[0].value=WARN",
                  "s3.endpointUrl=http://minio:9000").stdout
@@ -547,6 +579,7 @@ def test_non_secret_storage_options_and_env_still_render():
 
 # --- k8s/ --------------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_k8s_manifests_equal_a_fresh_render_by_the_documented_command():
     cmd = next(line.strip() for line in K8S_README.read_text().splitlines() if line.strip().startswith("helm template"))
     argv, target = cmd.split(">")
@@ -665,6 +698,7 @@ def test_the_python_dependencies_the_image_installs_resolve_with_the_pinned_torc
 
 # --- Grafana dashboard -------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_dashboard_validates_against_the_grafana_schema():
     _need_schemas()
     schema = json.loads((SCHEMAS / "grafana" / "dashboard.jsonschema.json").read_text())
@@ -709,6 +743,7 @@ def test_dashboard_panels_do_not_overlap():
     assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
 
 
+@pytest.mark.integration
 def test_dashboard_queries_are_valid_promql(tmp_path):
     _need_promtool()
     subst = {"run": "demo", "trial": ".*", "__rate_interval": "1m"}
@@ -754,12 +789,14 @@ def test_every_alert_has_a_promtool_unit_test():
     assert tested == {r["alert"] for g in rule_groups() for r in g["rules"] if "alert" in r}
 
 
+@pytest.mark.integration
 def test_promtool_check_rules_passes():
     proc = promtool("check", "rules", RULES.name, cwd=RULES.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
 
 
+@pytest.mark.integration
 def test_promtool_rule_unit_tests_pass():
     proc = promtool("test", "rules", RULES_TEST.name, cwd=RULES.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
