@@ -254,7 +254,7 @@ def test_status_tolerates_fields_it_does_not_know_and_missing_optional_ones(mid_
 
 def test_watch_refreshes_until_the_run_ends(done_run, capsys):
     storage, run_url, _ = done_run
-    assert main(["status", run_url, "--watch", "0.01", "--json"]) == 0  # terminal state: one refresh, then exit
+    assert main(["status", "--watch", run_url, "--every", "0.01", "--json"]) == 0  # terminal state: one refresh, then exit
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["state"] == "completed"
 
@@ -270,6 +270,22 @@ def test_status_lists_the_same_committed_checkpoints_as_the_checkpoint_store(mid
 def test_status_and_report_do_not_import_torch():
     code = "import sys, pggan.status, pggan.report; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, **SERVICE_ENV}).returncode == 0
+
+
+def test_watch_on_a_training_run_refreshes_until_it_completes(mid_run, monkeypatch, capsys):
+    storage, run_url, _ = mid_run
+    sleeps = []
+
+    def finish_run(seconds: float) -> None:  # the run completes while the watcher sleeps
+        sleeps.append(seconds)
+        rs = RunState.load(storage, run_url)
+        rs.transition("completed", nimg=640, note="done")
+        rs.save(storage, run_url)
+
+    monkeypatch.setattr(status_mod.time, "sleep", finish_run)
+    assert main(["status", run_url, "--watch", "--every", "5", "--json"]) == 0
+    states = [json.loads(line)["state"] for line in capsys.readouterr().out.strip().splitlines()]
+    assert states == ["training", "completed"] and sleeps == [5.0]
 
 
 # ---- report --------------------------------------------------------------------------------------

@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="where a run is: phase, progress, ETA, checkpoints, SWD so far")
     _run_args(p)
     p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
-    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=0.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 10) until the run ends or Ctrl-C")
+    p.add_argument("--watch", action="store_true", help="refresh until the run ends (or Ctrl-C)")
+    p.add_argument("--every", type=float, default=10.0, metavar="SECONDS", help="--watch refresh interval")
 
     p = sub.add_parser("report", help="one self-contained HTML report (curves, every stage's grid) and a PNG")
     _run_args(p)

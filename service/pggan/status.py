@@ -1,4 +1,4 @@
-"""Where a run is, read from its run directory alone: `launch.py status RUN_URL [--json] [--watch [S]]`.
+"""Where a run is, read from its run directory alone: `launch.py status RUN_URL [--json] [--watch]`.
 
 Everything comes from what the run has written (config.json, run_state.json, the metric history, the
 checkpoints' meta.json), so it works on a run that is training elsewhere, on a stopped one and on a
@@ -469,7 +469,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Storage, str]:
 
 
 def cli_status(args: argparse.Namespace) -> int:
-    """`launch.py status RUN_URL [--json] [--watch [SECONDS]]`."""
+    """`launch.py status RUN_URL [--json] [--watch [--every SECONDS]]`."""
     storage, url = resolve_run(args)
     if not args.watch:
         s = gather(storage, url)
@@ -484,6 +484,6 @@ def cli_status(args: argparse.Namespace) -> int:
             print(json.dumps(s, sort_keys=True) if args.json else format_status(s), flush=True)
             if s["state"] in TERMINAL:
                 return 0
-            time.sleep(args.watch)
+            time.sleep(max(args.every, 0.0))
     except KeyboardInterrupt:
         return 0
