@@ -192,8 +192,14 @@ def test_ema_update_matches_the_closed_form():
 # --------------------------------------------------------------------------------------------------- step
 
 
-def test_nonfinite_step_changes_no_weight_and_is_counted():
-    tr = _trainer()
+SKIP_PATHS = {"device_flag": StepOptions(device_skip=True), "host": StepOptions(device_skip=False),
+              "foreach_adam": StepOptions(fused_adam=False)}
+
+
+@pytest.mark.parametrize("path", sorted(SKIP_PATHS))
+def test_nonfinite_step_changes_no_weight_and_is_counted(path):
+    tr = _trainer(options=SKIP_PATHS[path])
+    assert tr._skip_on_device == (path == "device_flag")
     tr.train_step(_reals(8, 8), 8, 0.5)
     before = tr.state_dict()
     before = {k: (json.loads(json.dumps(v)) if k == "counters" else _clone(v)) for k, v in before.items()}
@@ -209,8 +215,9 @@ def test_nonfinite_step_changes_no_weight_and_is_counted():
     assert out["nonfinite"] == 0.0 and math.isfinite(out["loss_D"])
 
 
-def test_nonfinite_g_step_keeps_d_update_but_leaves_g_and_g_ema():
-    tr = _trainer()
+@pytest.mark.parametrize("path", sorted(SKIP_PATHS))
+def test_nonfinite_g_step_keeps_d_update_but_leaves_g_and_g_ema(path):
+    tr = _trainer(options=SKIP_PATHS[path])
     tr.train_step(_reals(8, 8), 8, 0.5)
     before = _clone(tr.state_dict())
     noise = _noise(8, TINY.latent_size, seed=3)
@@ -223,6 +230,41 @@ def test_nonfinite_g_step_keeps_d_update_but_leaves_g_and_g_ema():
             assert torch.equal(after[net][k], before[net][k]), f"{net}.{k} changed"
     assert not torch.equal(after["D"]["blocks.4.conv.weight"], before["D"]["blocks.4.conv.weight"])
     assert after["counters"]["nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize("device_skip", [True, None])
+def test_step_statistics_stay_on_the_device_and_nonfinite_counts_read_as_ints(device_skip):
+    tr = _trainer(options=StepOptions(device_skip=device_skip))
+    assert tr._skip_on_device == bool(device_skip)  # None: host decisions on CPU
+    out = tr.train_step(_reals(8, 8), 8, 0.5)
+    assert set(out) == {"loss_D", "gp", "score_real", "score_fake", "loss_G", "nonfinite"}
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and v.device == tr.device for v in out.values())
+    bad = _reals(8, 8, seed=1)
+    bad[0, 0, 0, 0] = float("inf")
+    in_row = []
+    for reals in (bad, bad, _reals(8, 8, seed=2), bad):
+        tr.train_step(reals, 8, 0.5)
+        in_row.append(tr.nonfinite_in_row)
+    assert in_row == [1, 2, 0, 1]
+    assert tr.counters.nonfinite_steps == 3 and isinstance(tr.counters.nonfinite_steps, int)
+    state = tr.state_dict()
+    assert state["counters"]["nonfinite_steps"] == 3 and isinstance(state["counters"]["nonfinite_steps"], int)
+    fresh = _trainer()
+    fresh.load_state_dict(state)
+    assert fresh.counters.nonfinite_steps == 3 and fresh.nonfinite_in_row == 0
+
+
+def test_ema_update_with_a_device_skip_flag_is_exact_at_zero_and_one():
+    model = torch.nn.Linear(3, 2).double()
+    ema = torch.nn.Linear(3, 2).double()
+    e0 = ema.weight.detach().clone()
+    ema_update(ema, model, 0.9, skip=torch.ones(()))
+    assert torch.equal(ema.weight, e0)  # skipped: bit for bit
+    ema_update(ema, model, 0.0, skip=torch.zeros(()))
+    assert torch.equal(ema.weight, model.weight)  # beta 0: a copy
+    ema.weight.data.copy_(e0)
+    ema_update(ema, model, 0.9, skip=torch.zeros(()))
+    torch.testing.assert_close(ema.weight, torch.lerp(e0, model.weight, 0.1))
 
 
 def _clone(obj):
@@ -300,6 +342,7 @@ def test_speed_levers_do_not_change_the_math():
         if hasattr(m, "fast_double_backward"):
             m.fast_double_backward = False  # PyTorch's own double backward for the gradient penalty
     variants.append(aten)
+    variants.append(_trainer(options=StepOptions(device_skip=True)))  # the sync-free skip path (CUDA's default)
     for i in range(2):
         x = _reals(8, 16, seed=i)
         for tr in (reference, *variants):
@@ -314,7 +357,8 @@ def test_bf16_autocast_on_cpu_tracks_fp32(kind):
     for amp in ("none", "bf16"):
         tr = _trainer(dtype=torch.float32, loss=LossSection(kind=kind), options=StepOptions(amp=amp))
         assert tr.amp_dtype == (torch.bfloat16 if amp == "bf16" else None)
-        runs[amp] = [tr.train_step(_reals(8, 16, seed=i, dtype=torch.float32), 16, 0.5) for i in range(2)]
+        runs[amp] = [{k: float(v) for k, v in tr.train_step(_reals(8, 16, seed=i, dtype=torch.float32), 16, 0.5).items()}
+                     for i in range(2)]
     for ref, low in zip(runs["none"], runs["bf16"]):
         assert low["nonfinite"] == 0.0 and all(math.isfinite(v) for v in low.values())
         assert (low["gp"] == 0.0) == (kind == "lsgan")
@@ -332,7 +376,16 @@ def test_noise_is_a_function_of_seed_rank_and_step():
 
 # ------------------------------------------------------------------------------------ 2-process gloo group
 
-STEPS = [(8, 0.5), (8, 0.75), (8, 1.0)]  # (res, alpha): a fade-in, then stable; the 16x16 block is unused
+# (res, alpha): a fade-in, then stable; the 16x16 block is unused. The allreduce mode's first backward per
+# (network, res, fade) sums one flat buffer and fixes the bucket plan; the repeats run the overlapped buckets.
+STEPS = [(8, 0.5), (8, 0.75), (8, 1.0), (8, 1.0)]
+DIST_MODES = {
+    "allreduce": StepOptions(),                                  # overlapped, 25 MB buckets (one bucket here)
+    "allreduce-buckets": StepOptions(bucket_mb=1e-4),            # overlapped, ~100-byte buckets: many
+    "allreduce-flat": StepOptions(overlap_grad_sync=False),      # one flat all-reduce after each backward
+    "allreduce-device": StepOptions(device_skip=True),           # device-flag skips (the CUDA default)
+    "ddp": StepOptions(),
+}
 PER_RANK = 4  # == mbstd group size: each rank's batch is one group
 
 
@@ -355,14 +408,16 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {}
-        for mode in ("allreduce", "ddp"):
+        for mode, options in DIST_MODES.items():
             # Different weight seeds per rank: the trainer must start every rank from rank 0's weights.
-            tr = _trainer(dist_mode=mode, seed=0 if rank == 0 else 1)
-            assert tr.dist_mode == mode and tr.world_size == 2
+            tr = _trainer(dist_mode=mode.split("-")[0], seed=0 if rank == 0 else 1, options=options)
+            assert tr.dist_mode == mode.split("-")[0] and tr.world_size == 2
             for step, (res, alpha) in enumerate(STEPS):
                 reals, noise = _global_inputs(step)
                 out = tr.train_step(reals[rank::2], res, alpha, noise=_rank_slice(noise, rank))
                 assert out["nonfinite"] == 0.0
+            if mode == "allreduce-buckets":  # the overlapped path ran with several buckets per backward
+                assert all(len(plan.buckets) > 3 for s in tr._overlap.values() for plan in s.plans.values())
             results[mode] = tr.state_dict()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -377,7 +432,7 @@ def test_two_gloo_ranks_end_with_the_weights_of_one_process_on_the_whole_batch(t
         reals, noise = _global_inputs(step)
         single.train_step(reals, res, alpha, noise=noise)
     ref = single.state_dict()
-    for mode in ("allreduce", "ddp"):
+    for mode in DIST_MODES:
         _assert_states_close(ranks[0][mode], ranks[1][mode], rtol=0, atol=0)  # identical on both ranks
         _assert_states_close(ranks[0][mode], ref, rtol=1e-9, atol=1e-12)
 

@@ -112,8 +112,9 @@ def run_step_bench(res: int,
         "mbstd_group_size": model.mbstd_group_size,
         "steps": steps,
         "warmup": warmup,
-        "loss_D": out["loss_D"],
-        "nonfinite": out["nonfinite"],
+        "device_skip": trainer._skip_on_device,
+        "loss_D": float(out["loss_D"]),
+        "nonfinite": float(out["nonfinite"]),
         "torch": torch.__version__,
     }
 
@@ -133,7 +134,8 @@ def bench_step(args: argparse.Namespace) -> int:
                           no_grad_fakes=not getattr(args, "grad_fakes", False),
                           freeze_d_in_g_step=not getattr(args, "no_freeze_d", False),
                           one_d_pass=not getattr(args, "two_d_passes", False),
-                          fused_adam=False if getattr(args, "no_fused_adam", False) else None)
+                          fused_adam=False if getattr(args, "no_fused_adam", False) else None,
+                          device_skip=False if getattr(args, "host_sync", False) else None)
     resolutions = args.resolution or [4, 8, 16, 32, 64]
     bad = [r for r in resolutions if r not in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]
     if bad:

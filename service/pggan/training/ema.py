@@ -43,11 +43,29 @@ def ema_beta(batch: int,
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
+def ema_update(ema: nn.Module,
+               model: nn.Module,
+               beta: float,
+               skip: torch.Tensor | None = None,  # 0-dim device flag: 1 leaves ema exactly as it is (no host sync)
+               ) -> None:
     """In place: ema = beta * ema + (1 - beta) * model, for every parameter; buffers are copied."""
     ema_params = list(ema.parameters())
     params = list(model.parameters())
     assert len(ema_params) == len(params)
+    if skip is not None:
+        # lerp(ema, model, w) with w = (1 - beta) * (1 - skip) on the device. w = 0 leaves ema bit for bit;
+        # the list form of lerp is exact at w = 1 too (a copy); the fused sub/mul/add form is used where
+        # w <= 1/2 always holds, where it rounds as lerp does.
+        w = (1.0 - skip.to(ema_params[0].dtype)) * (1.0 - beta)
+        if beta >= 0.5:
+            delta = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(delta, w)
+            torch._foreach_add_(ema_params, delta)
+        else:
+            torch._foreach_lerp_(ema_params, params, [w] * len(params))
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(torch.where(skip.bool(), b_ema, b))
+        return
     if beta == 0.0:
         torch._foreach_copy_(ema_params, params)
     else:

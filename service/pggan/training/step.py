@@ -8,14 +8,25 @@
    D loss (WGAN-GP + drift or LSGAN), backward, gradient sync, finiteness check, Adam;
 3. G step: D's parameters frozen (no weight gradients computed for D), per-sample G loss, backward,
    sync, check, Adam;
-4. G_ema update (half-life in images).
+4. G_ema update (half-life in images, or the official per-step beta).
+
+No host synchronisation on the hot path (``StepOptions.device_skip``, the default): finiteness is a device
+flag (``found_inf``, as torch.amp.GradScaler keeps it) that fused Adam reads to skip its update, that masks
+the G_ema update, and that feeds device-side counters; the statistics come back as 0-dim device tensors.
+Python reads a device value only when asked (``counters.nonfinite_steps``, ``nonfinite_in_row``, float() of a
+statistic), i.e. at ticks.
 
 Distributed data parallel, two ways (``dist_mode``):
 
 - ``"allreduce"`` (default when torch.distributed is initialized with more than one rank): no DDP
-  wrapper; after each backward the gradients of the parameters that have one are flattened into one
-  buffer and summed across ranks by ``grad_sync`` (stylegan2-ada style). Any number of D forwards, the
-  gradient penalty's double backward and blocks unused at the current resolution need no bookkeeping.
+  wrapper. Gradients are summed across ranks by async all-reduces of buckets (about
+  ``StepOptions.bucket_mb`` each) launched from post-accumulate-grad hooks while the backward pass runs, as
+  DDP does: a bucket goes out once its last gradient is accumulated and every earlier bucket has gone, in
+  an order rank 0 fixes (broadcast) the first time a (network, resolution, fade) combination is seen; that
+  first pass, and any run with a custom ``grad_sync`` or ``overlap_grad_sync=False``, sums one flat buffer
+  after the backward instead (stylegan2-ada style). The gradient penalty's inner ``autograd.grad`` does not
+  accumulate into ``.grad``, so only the outer backward fires the hooks, once per parameter with its whole
+  gradient; blocks unused at the current resolution never fire and are not in the plan.
 - ``"ddp"``: G and D wrapped in DistributedDataParallel(find_unused_parameters=True).
 
 Either way per-sample losses are reduced as sum / global_batch (scaled by the world size under DDP,
@@ -47,6 +58,7 @@ if TYPE_CHECKING:
 
 GradSync = Callable[[torch.Tensor], None]  # sums a flat gradient buffer across ranks, in place
 DistMode = Literal["auto", "local", "allreduce", "ddp"]
+STAT_KEYS = ("loss_D", "gp", "score_real", "score_fake", "loss_G", "nonfinite")
 
 
 def allreduce_sum(group: Any = None) -> GradSync:
@@ -70,6 +82,13 @@ class StepOptions:
     one_d_pass: bool = True           # D step: reals and fakes scored in one D pass of 2N (minibatch-stddev
                                       # groups kept within each half), not two passes of N
     fused_adam: bool | None = None    # None: fused Adam where torch has it (CPU and CUDA float params)
+    device_skip: bool | None = None   # non-finite steps skipped by a device flag (fused Adam's found_inf, a
+                                      # masked G_ema): no host sync. False (or foreach Adam): the host reads
+                                      # the flag twice per step and skips in Python. None: on except on CPU,
+                                      # where reading a CPU tensor costs nothing and Python skips are cheapest
+    overlap_grad_sync: bool = True    # allreduce mode: bucketed async all-reduce during backward
+    bucket_mb: float = 25.0           # bucket size for overlap_grad_sync (the first bucket is 1/25 of it, as DDP)
+    cudnn_benchmark: bool = True      # CUDA: let cuDNN pick the fastest kernels per shape (a process-wide flag)
 
 
 @dataclass
@@ -81,11 +100,150 @@ class StepNoise:
     mix: torch.Tensor  # [N] gradient-penalty interpolation factors in [0, 1)
 
 
-@dataclass
 class _Counters:
-    nimg: int = 0             # images shown to D (global), including skipped steps
-    steps: int = 0            # train_step calls
-    nonfinite_steps: int = 0  # steps with non-finite gradients (D or G)
+    """Images and steps are host ints; the non-finite counts live on the device (no sync per step) and are
+    read as ints (one sync) when asked."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.nimg = 0  # images shown to D (global), including skipped steps
+        self.steps = 0  # train_step calls
+        self.nonfinite_dev = torch.zeros((), dtype=torch.int64, device=device)  # steps with non-finite gradients
+        self.in_row_dev = torch.zeros((), dtype=torch.int64, device=device)     # ... consecutive, up to now
+
+    @property
+    def nonfinite_steps(self) -> int:
+        return int(self.nonfinite_dev.item())
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self.nonfinite_dev.fill_(int(value))
+
+    def count(self, bad: torch.Tensor) -> None:
+        """Add one step; ``bad`` is a 0-dim 0/1 device tensor."""
+        bad = bad.to(torch.int64)
+        self.nonfinite_dev.add_(bad)
+        self.in_row_dev.add_(1).mul_(bad)
+
+
+class _BucketPlan:
+    """Which parameters one backward pass reduces, in buckets, in launch order."""
+
+    def __init__(self, order: list[int], sizes: list[int], bucket_bytes: int, elem_bytes: int) -> None:
+        self.buckets: list[list[int]] = []
+        cap, cur, cur_bytes = max(bucket_bytes // 25, 1), [], 0  # a small first bucket starts traffic early
+        for i in order:
+            cur.append(i)
+            cur_bytes += sizes[i] * elem_bytes
+            if cur_bytes >= cap:
+                self.buckets.append(cur)
+                cap, cur, cur_bytes = bucket_bytes, [], 0
+        if cur:
+            self.buckets.append(cur)
+        self.bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
+
+
+class OverlappedGradSync:
+    """Sums a module's gradients across ranks while its backward pass runs (see the module docstring).
+
+    Usage per backward: ``begin(key)``; ``loss.backward()``; ``flats = finish()``. ``key`` names the set of
+    parameters that get a gradient (the same on every rank). Hooks outside begin/finish do nothing.
+    """
+
+    def __init__(self, module: nn.Module, group: Any = None, bucket_mb: float = 25.0) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
+        self.group = group
+        self.bucket_bytes = max(int(bucket_mb * 2**20), 1)
+        self.plans: dict[Any, _BucketPlan] = {}
+        self._key: Any = None
+        self._plan: _BucketPlan | None = None
+        self._seen: list[int] = []
+        self._remaining: list[int] = []
+        self._next = 0
+        self._works: list[tuple[Any, torch.Tensor, list[int]]] = []
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def on_grad(_p: torch.Tensor) -> None:
+            if self._key is None:
+                return
+            if self._plan is None:
+                self._seen.append(i)
+                return
+            b = self._plan.bucket_of.get(i)
+            if b is None:
+                return  # not in the plan (cannot happen for a fixed key); finish() reduces it flat
+            self._remaining[b] -= 1
+            while self._next < len(self._plan.buckets) and self._remaining[self._next] == 0:
+                self._launch(self._next)
+                self._next += 1
+
+        return on_grad
+
+    def _launch(self, b: int) -> None:
+        idx = self._plan.buckets[b]  # type: ignore[union-attr]
+        grads = [self.params[i].grad for i in idx]
+        flat = torch.cat([g.reshape(-1) if g is not None else self.params[i].new_zeros(self.sizes[i])
+                          for i, g in zip(idx, grads)])
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._works.append((work, flat, idx))
+
+    def begin(self, key: Any) -> None:
+        self._key = key
+        self._plan = self.plans.get(key)
+        self._seen, self._works, self._next = [], [], 0
+        if self._plan is not None:
+            self._remaining = [len(b) for b in self._plan.buckets]
+
+    def finish(self) -> list[torch.Tensor]:
+        """Wait for the reductions, write the sums into ``.grad``; returns the flat reduced buffers."""
+        plan, key = self._plan, self._key
+        self._key = None
+        if plan is None:
+            # First pass for this key: one flat all-reduce, and rank 0's readiness order becomes the plan.
+            with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+            order = list(dict.fromkeys(i for i in self._seen if self.params[i].grad is not None))
+            seen = set(order)
+            order += [i for i in with_grad if i not in seen]
+            t = torch.tensor(order, dtype=torch.int64, device=self.params[0].device)
+            dist.broadcast(t, src=0, group=self.group)
+            order = t.tolist()
+            elem = self.params[0].element_size()
+            self.plans[key] = _BucketPlan(order, self.sizes, self.bucket_bytes, elem)
+            grads = [self.params[i].grad for i in order]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            _copy_flat_into(flat, grads)
+            return [flat]
+        while self._next < len(plan.buckets):  # only if some hook did not fire: reduce the rest now
+            self._launch(self._next)
+            self._next += 1
+        flats = []
+        for work, flat, idx in self._works:
+            work.wait()
+            grads = [self.params[i].grad for i in idx]
+            if any(g is None for g in grads):
+                for i in idx:
+                    if self.params[i].grad is None:
+                        self.params[i].grad = torch.zeros_like(self.params[i])
+                grads = [self.params[i].grad for i in idx]
+            _copy_flat_into(flat, grads)
+            flats.append(flat)
+        self._works = []
+        return flats
+
+
+def _copy_flat_into(flat: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    torch._foreach_copy_(grads, [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def _found_inf(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """1.0 if any element of ``tensors`` is not finite, else 0.0: a float32 0-dim device tensor (the form fused
+    Adam's ``found_inf`` takes). A norm per tensor (NaN or inf if any element is) is one fused pass."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+    return (~torch.isfinite(norms.sum())).float()
 
 
 class GanTrainer:
@@ -95,11 +253,11 @@ class GanTrainer:
                  model_cfg: "ModelSection",   # architecture
                  loss_cfg: "LossSection",     # wgan-gp | lsgan and weights
                  optim_cfg: "OptimSection",   # Adam betas, eps
-                 ema_cfg: "EmaSection",       # G_ema half-life (kimg) and ramp-up
+                 ema_cfg: "EmaSection",       # G_ema half-life (kimg) or beta per step, and ramp-up
                  device: str | torch.device = "cpu",
                  options: StepOptions | None = None,
                  dist_mode: DistMode = "auto",  # auto: allreduce if torch.distributed has > 1 rank, else local
-                 grad_sync: GradSync | None = None,  # allreduce mode: custom sum of the flat gradients
+                 grad_sync: GradSync | None = None,  # allreduce mode: custom sum of the flat gradients (no overlap)
                  seed: int = 0,                # weights (same on every rank) and per-rank noise
                  lr: float = 0.001,            # initial learning rate (reset_optimizers / set_lr change it)
                  dtype: torch.dtype = torch.float32,  # parameter dtype (float64 for exactness tests)
@@ -112,7 +270,7 @@ class GanTrainer:
         self.seed = seed
         self.dtype = dtype
         self.latent_size = model_cfg.latent_size
-        self.counters = _Counters()
+        self.counters = _Counters(self.device)
 
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
@@ -128,6 +286,8 @@ class GanTrainer:
             amp = "bf16" if self.device.type == "cuda" else "none"
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         self.memory_format = torch.channels_last if self.opts.channels_last else torch.contiguous_format
+        if self.device.type == "cuda" and self.opts.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
 
         # Same weights on every rank: built from the run seed without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -150,10 +310,15 @@ class GanTrainer:
     def _setup_parallel(self, grad_sync: GradSync | None) -> None:
         """The callables that get gradients: G and D themselves, or their DDP wrappers."""
         self._grad_sync: GradSync | None = None
+        self._overlap: dict[str, OverlappedGradSync] = {}
         self._G_train: Callable[..., torch.Tensor] = self.G
         self._D_train: Callable[..., torch.Tensor] = self.D
         if self.dist_mode == "allreduce":
-            self._grad_sync = grad_sync or allreduce_sum()
+            if grad_sync is None and self.opts.overlap_grad_sync:
+                self._overlap = {"G": OverlappedGradSync(self.G, bucket_mb=self.opts.bucket_mb),
+                                 "D": OverlappedGradSync(self.D, bucket_mb=self.opts.bucket_mb)}
+            else:
+                self._grad_sync = grad_sync or allreduce_sum()
         elif self.dist_mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -209,6 +374,12 @@ class GanTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr
 
+    @property
+    def _skip_on_device(self) -> bool:
+        """Fused Adam takes a device found_inf flag; foreach Adam does not, so it skips on the host."""
+        on = self.device.type != "cpu" if self.opts.device_skip is None else self.opts.device_skip
+        return on and bool(self.opt_D.defaults.get("fused"))
+
     # ----------------------------------------------------------------------------------------------- step
 
     @property
@@ -218,6 +389,11 @@ class GanTrainer:
     @nimg.setter
     def nimg(self, value: int) -> None:
         self.counters.nimg = int(value)
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        """Consecutive non-finite steps up to now (0 after a good step). Reads the device: call it at ticks."""
+        return int(self.counters.in_row_dev.item())
 
     def sample_noise(self, n: int, step: int | None = None) -> StepNoise:
         """Latents and mixing factors for ``n`` samples, a pure function of (seed, rank, step)."""
@@ -241,9 +417,11 @@ class GanTrainer:
                    nimg: int | None = None,        # images seen before this step (default: the counter)
                    global_batch: int | None = None,  # images over all ranks (default: N * world size)
                    noise: StepNoise | None = None,  # default: sample_noise(N)
-                   ) -> dict[str, float]:
-        """One D step, one G step and the G_ema update. Returns this rank's means as Python floats:
-        loss_D, loss_G, gp (unweighted penalty), score_real, score_fake, and nonfinite (0 or 1)."""
+                   ) -> dict[str, torch.Tensor]:
+        """One D step, one G step and the G_ema update. Returns this rank's means as 0-dim float32 tensors
+        on the trainer's device (sum them across steps as they are; float() only at ticks): loss_D, gp
+        (unweighted penalty), score_real, score_fake, loss_G, and nonfinite (0 or 1; 1 when D's or G's
+        gradients were not finite and the step was skipped)."""
         n = reals.shape[0]
         assert reals.shape[1:] == (3, res, res), f"reals {tuple(reals.shape)} are not 3x{res}x{res}"
         if nimg is not None:
@@ -253,25 +431,32 @@ class GanTrainer:
         noise = noise or self.sample_noise(n)
         reals = reals.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
         reals = blend_reals(reals, res, alpha)                     # [N, 3, res, res]
+        key = (res, alpha < 1.0)
 
-        d_ok, d_stats = self._d_step(reals, res, alpha, noise, loss_scale)
-        g_ok, loss_g = False, float("nan")
-        if d_ok:
-            g_ok, loss_g = self._g_step(n, res, alpha, noise, loss_scale)
-        if d_ok and g_ok:
-            beta = ema_beta(gb, self.ema_cfg.half_life_kimg, self.counters.nimg, self.ema_cfg.rampup,
-                            self.ema_cfg.beta_per_step)
+        d_bad, d_stats = self._d_step(reals, res, alpha, noise, loss_scale, key)
+        if self._skip_on_device or not bool(d_bad):  # (host decisions: no G step at all after a bad D step)
+            g_bad, loss_g = self._g_step(n, res, alpha, noise, loss_scale, key, d_bad)  # D bad: G skips too
+        else:
+            g_bad, loss_g = d_bad, torch.full((), float("nan"), device=self.device)
+        beta = ema_beta(gb, self.ema_cfg.half_life_kimg, self.counters.nimg, self.ema_cfg.rampup,
+                        self.ema_cfg.beta_per_step)
+        if self._skip_on_device:
+            ema_update(self.G_ema, self.G, beta, skip=g_bad)
+        elif not bool(g_bad):
             ema_update(self.G_ema, self.G, beta)
 
-        nonfinite = not (d_ok and g_ok)
         self.counters.nimg += gb
         self.counters.steps += 1
-        self.counters.nonfinite_steps += int(nonfinite)
-        return {**d_stats, "loss_G": loss_g, "nonfinite": float(nonfinite)}
+        self.counters.count(g_bad)
+        stats = torch.stack([*d_stats, loss_g.float(), g_bad.float()])
+        return dict(zip(STAT_KEYS, stats.unbind()))
 
-    def _d_step(self, reals: torch.Tensor, res: int, alpha: float, noise: StepNoise,
-                loss_scale: float) -> tuple[bool, dict[str, float]]:
+    def _d_step(self, reals: torch.Tensor, res: int, alpha: float, noise: StepNoise, loss_scale: float,
+                key: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self.opt_D.zero_grad(set_to_none=True)
+        sync = self._overlap.get("D")
+        if sync is not None:
+            sync.begin(key)
         with self._autocast():
             if self.opts.no_grad_fakes:
                 with torch.no_grad():
@@ -283,15 +468,17 @@ class GanTrainer:
                                      gp_score_fn=lambda x: self._D_train(x, res, alpha), pair_score_fn=pair)
             loss = terms.loss.sum() * loss_scale
         loss.backward()
-        ok = self._reduce_grads(self.D)
-        if ok:
-            self.opt_D.step()
-        stats = torch.stack([terms.loss.mean(), terms.gp.mean(), terms.real_scores.mean(),
-                             terms.fake_scores.mean()]).tolist()
-        return ok, dict(zip(("loss_D", "gp", "score_real", "score_fake"), stats))
+        bad = self._reduce_grads(self.D, sync)
+        self._adam_step(self.opt_D, bad)
+        stats = [t.detach().mean().float() for t in (terms.loss, terms.gp, terms.real_scores, terms.fake_scores)]
+        return bad, stats
 
-    def _g_step(self, n: int, res: int, alpha: float, noise: StepNoise, loss_scale: float) -> tuple[bool, float]:
+    def _g_step(self, n: int, res: int, alpha: float, noise: StepNoise, loss_scale: float, key: Any,
+                d_bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.opt_G.zero_grad(set_to_none=True)
+        sync = self._overlap.get("G")
+        if sync is not None:
+            sync.begin(key)
         # D is only a path for G's gradient here: the raw module (no DDP reducer), weights frozen.
         if self.opts.freeze_d_in_g_step:
             self.D.requires_grad_(False)
@@ -305,27 +492,35 @@ class GanTrainer:
             self.D.requires_grad_(True)
         if not self.opts.freeze_d_in_g_step:
             self.opt_D.zero_grad(set_to_none=True)
-        ok = self._reduce_grads(self.G)
-        if ok:
-            self.opt_G.step()
-        return ok, per_sample.detach().mean().item()
+        bad = torch.maximum(self._reduce_grads(self.G, sync), d_bad)  # a skipped D step skips G's too
+        self._adam_step(self.opt_G, bad)
+        return bad, per_sample.detach().mean()
 
-    def _reduce_grads(self, module: nn.Module) -> bool:
-        """Sum gradients across ranks (allreduce mode) and say whether all are finite, in one pass."""
+    def _adam_step(self, opt: torch.optim.Adam, bad: torch.Tensor) -> None:
+        if self._skip_on_device:
+            opt.found_inf = bad  # fused Adam: no update and no step count where bad == 1 (GradScaler's protocol)
+            try:
+                opt.step()
+            finally:
+                opt.found_inf = None
+        elif not bool(bad):
+            opt.step()
+
+    def _reduce_grads(self, module: nn.Module, sync: OverlappedGradSync | None) -> torch.Tensor:
+        """Sum gradients across ranks (allreduce mode) and return the device flag "some gradient is not
+        finite" (float32 0/1, the same on every rank: it is computed from the summed gradients)."""
+        if sync is not None:
+            return _found_inf(sync.finish(), self.device)
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        if self._grad_sync is None:
+        if not grads or self._grad_sync is None:
             # Local or DDP (already reduced): a norm per tensor is cheaper than a flat copy.
-            return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+            return _found_inf(grads, self.device)
         # Every rank runs the same resolution and alpha, so the set of parameters with gradients (and the
         # flat layout) is the same on all ranks.
         flat = torch.cat([g.reshape(-1) for g in grads])
         self._grad_sync(flat)
-        ok = bool(torch.isfinite(flat).all())
-        if ok:
-            torch._foreach_copy_(grads, [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
-        return ok
+        _copy_flat_into(flat, grads)
+        return _found_inf([flat], self.device)
 
     # --------------------------------------------------------------------------------------------- state
 
@@ -354,6 +549,7 @@ class GanTrainer:
         self.counters.nimg = int(c["nimg"])
         self.counters.steps = int(c["steps"])
         self.counters.nonfinite_steps = int(c["nonfinite_steps"])
+        self.counters.in_row_dev.zero_()
 
 
 @torch.no_grad()
