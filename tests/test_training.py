@@ -456,12 +456,30 @@ def test_bench_step_prints_one_json_line_per_resolution(capsys):
     assert lines[1]["flop_per_step"] > lines[0]["flop_per_step"]
 
 
-def test_gpu_check_script_smoke_runs_on_cpu(tmp_path):
+def _run_gpu_check(out_dir: Path, *args: str, timeout: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "service"))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/benchmarks/gpu_check.py"), str(tmp_path), "--smoke"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (out,) = list(Path(tmp_path).glob("*.json"))
-    report = json.loads(out.read_text())
-    assert report["results"] and all(r["img_per_s"] > 0 for r in report["results"])
-    assert report["consistency"]["ok"] is True
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/benchmarks/gpu_check.py"), str(out_dir), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    (out,) = list(Path(out_dir).glob("*.json"))
+    return json.loads(out.read_text())
+
+
+def test_gpu_check_script_smoke_runs_every_section_on_cpu(tmp_path):
+    report = _run_gpu_check(tmp_path, "--smoke", timeout=300)
+    assert report["results"] and all(r["img_per_s"] > 0 and r["flop_per_step"] > 0 for r in report["results"])
+    assert {r["amp"] for r in report["results"]} == {"none", "bf16"}
+    assert report["consistency"]["ok"] is True and report["host_syncs"]["ok"] is True
+    assert report["allreduce"]["rows"] and report["projection"]
+    ab = report["ab"]
+    assert ab["runs"]["fp32"]["kimg"] == ab["runs"]["bf16"]["kimg"] > 0  # equal kimg
+    assert all(math.isfinite(r["swd_avg"]) for r in ab["runs"].values()) and not report["errors"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_check_on_the_gpu_is_consistent_sync_free_and_measures_every_resolution(tmp_path):
+    report = _run_gpu_check(tmp_path, "--budget-s", "540", timeout=660)
+    assert report["consistency"]["ok"] and report["host_syncs"]["ok"]
+    assert report["host_syncs"]["local"]["checked"] and report["host_syncs"]["allreduce"]["checked"]
+    assert {(r["resolution"], r["amp"]) for r in report["results"]} >= {(r, a) for r in (4, 1024) for a in ("none", "bf16")}
