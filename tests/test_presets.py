@@ -114,7 +114,8 @@ def test_minibatch_stddev_groups_are_the_official_min_of_group_size_and_minibatc
         per_gpu = _official_minibatch(o, res) // o["num_gpus"]
         official = min(o["mbstd_group_size"], per_gpu)  # tf.minimum(group_size, tf.shape(x)[0])
         assert per_gpu % official == 0  # the official reshape needs it
-        assert mbstd_group(cfg.model.mbstd_group_size, cfg.schedule.minibatch(res) // cfg.cluster.num_workers) == official
+        per_worker = cfg.schedule.minibatch(res) // cfg.cluster.num_workers
+        assert mbstd_group(cfg.model.mbstd_group_size, per_worker) == official
 
 
 @pytest.mark.parametrize("n,group", [(16, 16), (14, 14), (6, 6), (3, 3)])

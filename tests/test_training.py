@@ -357,8 +357,8 @@ def test_bf16_autocast_on_cpu_tracks_fp32(kind):
     for amp in ("none", "bf16"):
         tr = _trainer(dtype=torch.float32, loss=LossSection(kind=kind), options=StepOptions(amp=amp))
         assert tr.amp_dtype == (torch.bfloat16 if amp == "bf16" else None)
-        runs[amp] = [{k: float(v) for k, v in tr.train_step(_reals(8, 16, seed=i, dtype=torch.float32), 16, 0.5).items()}
-                     for i in range(2)]
+        outs = [tr.train_step(_reals(8, 16, seed=i, dtype=torch.float32), 16, 0.5) for i in range(2)]
+        runs[amp] = [{k: float(v) for k, v in out.items()} for out in outs]
     for ref, low in zip(runs["none"], runs["bf16"]):
         assert low["nonfinite"] == 0.0 and all(math.isfinite(v) for v in low.values())
         assert (low["gp"] == 0.0) == (kind == "lsgan")
@@ -482,4 +482,5 @@ def test_gpu_check_on_the_gpu_is_consistent_sync_free_and_measures_every_resolut
     report = _run_gpu_check(tmp_path, "--budget-s", "540", timeout=660)
     assert report["consistency"]["ok"] and report["host_syncs"]["ok"]
     assert report["host_syncs"]["local"]["checked"] and report["host_syncs"]["allreduce"]["checked"]
-    assert {(r["resolution"], r["amp"]) for r in report["results"]} >= {(r, a) for r in (4, 1024) for a in ("none", "bf16")}
+    measured = {(r["resolution"], r["amp"]) for r in report["results"]}
+    assert measured >= {(r, a) for r in (4, 1024) for a in ("none", "bf16")}

@@ -376,7 +376,8 @@ def projection(results: list[dict[str, Any]], allreduce: dict[str, Any] | None, 
                              "ms_step": t, "ms_allreduce_model": round(c, 3),
                              "hours_no_overlap": round(steps * (t + c) / 3.6e6, 2)})
             out[f"{name}/{'fp32' if amp == 'none' else 'bf16'}"] = {
-                "gpus": gpus, "days_no_overlap": round(total / 86400, 2), "days_full_overlap": round(total_overlap / 86400, 2),
+                "gpus": gpus, "days_no_overlap": round(total / 86400, 2),
+                "days_full_overlap": round(total_overlap / 86400, 2),
                 "per_resolution": rows, "missing_resolutions": missing}
     out["note"] = ("steps at each resolution x (measured per-GPU ms/step + modelled all-reduce of G and D grads); "
                    "'full overlap' assumes the bucketed all-reduce hides behind backward. Data loading, ticks, "
