@@ -114,6 +114,7 @@ class StageMachine:
         self.fatal: str | None = None
         self.fit_start: float | None = None
         self.prev_restarts = state.worker_restarts
+        self.prev_preemptions = state.preemptions
         self.bar: Any = None
 
     # ---- transitions ----------------------------------------------------------------------------------
@@ -121,6 +122,8 @@ class StageMachine:
         self.state.transition(to, stage_index=stage.index if stage else None, stage=stage.name if stage else None,
                               nimg=self.state.nimg if nimg is None else nimg, note=note)
         self.state.worker_restarts = self.prev_restarts + call(self.hub, "get_restarts", self.cfg.run.name, self.trial)
+        self.state.preemptions = self.prev_preemptions + call(self.hub, "get_preemptions", self.cfg.run.name,
+                                                              self.trial)
         self.state.nonfinite_steps = max(self.state.nonfinite_steps, int(self.latest.get("nonfinite_total", 0)))
         self.state.save(self.storage, self.run_url)
         call(self.hub, "set_state", self.cfg.run.name, self.trial, to)  # awaited: the exporter shows it at once
@@ -202,6 +205,32 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
     """Train (or resume) the run described by cfg. Returns a process exit code."""
     storage = Storage.from_config(cfg.storage)
     run_url = run_url_of(cfg)
+    state, nimg = _open_run(cfg, storage, run_url, fresh)
+    if state.state == "completed":
+        return 0
+    init_ray(cfg, address)
+    hub = get_hub(cfg.metrics.host, cfg.metrics.port)
+    port = ray.get(hub.get_port.remote())
+    if port:
+        say(f"Prometheus metrics on port {port} (/metrics)")
+    stop = install_stop_handlers()
+    state.lives[-1]["node_id"] = node_id()  # where the driver (and the exporter) ran
+    machine = StageMachine(cfg, storage, run_url, state, hub, trial, on_stage_end=report)
+    call(hub, "set_images_seen", cfg.run.name, trial, nimg)
+    try:
+        code = _train(cfg, storage, run_url, machine, nimg, stop)
+    except UserError as e:  # a bad dataset found while preparing it: exported and alerted like any failure
+        _best_effort(lambda: machine.fail(str(e), None))
+        _linger(cfg, port)
+        raise
+    _best_effort(lambda: say(f"report: {_write_report(storage, run_url)}"), "the training report")
+    _linger(cfg, port)
+    return code
+
+
+def _open_run(cfg: RunConfig, storage: Storage, run_url: str, fresh: bool) -> tuple[RunState, int]:
+    """Check the run directory, register this driver life, and see where the run stands. A run already
+    complete is recorded as such (its state then reads completed)."""
     storage.check_writable(run_url)  # missing bucket / credentials: one clear error before any work
     check_run_dir(cfg, storage, run_url, fresh)
     all_stages, total = stages(cfg), total_nimg(cfg)
@@ -210,40 +239,35 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
     state.total_nimg = total
     nimg = _verified_nimg(storage, run_url)
     _reconcile_history(storage, run_url, all_stages)
+    state.nimg = nimg
     if nimg >= total and evaluated(storage, run_url, all_stages[-1].name, all_stages[-1].end) \
             and storage.exists(join(run_url, FINAL_SNAPSHOT)):
-        state.nimg = nimg
         state.transition("completed", note="already complete: nothing to train")
-        state.save(storage, run_url)
         say(f"run {cfg.run.name} is already complete at {nimg / 1000:.1f} kimg; nothing to train "
             f"(raise schedule.total_kimg to train longer)")
-        return 0
-    state.nimg = nimg
     state.save(storage, run_url)
+    return state, nimg
 
-    data_url = prepare_data(cfg, storage, run_url)
-    init_ray(cfg, address)
-    hub = get_hub(cfg.metrics.host, cfg.metrics.port)
-    port = ray.get(hub.get_port.remote())
-    if port:
-        say(f"Prometheus metrics on port {port} (/metrics)")
-    stop = install_stop_handlers()
-    state.lives[-1]["node_id"] = node_id()  # where the driver (and the exporter) ran
-    say(f"run {cfg.run.name}: {len(all_stages)} stages to {cfg.model.max_resolution}x{cfg.model.max_resolution}, "
-        f"{total / 1000:.1f} kimg; run directory {run_url}" + (f"; resuming at {nimg / 1000:.1f} kimg" if nimg else ""))
-    machine = StageMachine(cfg, storage, run_url, state, hub, trial, on_stage_end=report)
-    ray.get(hub.set_images_seen.remote(cfg.run.name, trial, nimg))
-    if sys.stderr.isatty() and trial is None:
+
+def _train(cfg: RunConfig, storage: Storage, run_url: str, machine: StageMachine, nimg: int, stop: Any) -> int:
+    """Prepare the data, run one fit over every remaining stage, and end the run in its final state."""
+    all_stages, total = machine.stages, total_nimg(cfg)
+    if sys.stderr.isatty() and machine.trial is None:
         machine.bar = _ProgressBar(total, nimg)
     t_run = time.perf_counter()
     try:
+        data_url = prepare_data(cfg, storage, run_url)
+        say(f"run {cfg.run.name}: {len(all_stages)} stages to {cfg.model.max_resolution}x"
+            f"{cfg.model.max_resolution}, {total / 1000:.1f} kimg; run directory {run_url}"
+            + (f"; resuming at {nimg / 1000:.1f} kimg" if nimg else ""))
         first = next(st for st in all_stages if nimg < st.end or not evaluated(storage, run_url, st.name, st.end))
         if nimg < first.end:
             machine.begin_training(first, nimg)
         else:
             machine.begin_evaluating(first)
         machine.fit_start = time.time()
-        trainer = make_trainer(cfg, run_url, data_url, hub, trial, name=f"{cfg.run.name}-{state.life}")
+        trainer = make_trainer(cfg, run_url, data_url, machine.hub, machine.trial,
+                               name=f"{cfg.run.name}-{machine.state.life}")
         try:
             run_fit(trainer, poll=machine.poll)
         except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; classified by type
@@ -260,26 +284,30 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
         say(f"run {cfg.run.name} completed at {total / 1000:.1f} kimg; final generator: "
             f"{join(run_url, FINAL_SNAPSHOT)}")
         print(swd_table(read_records(storage, run_url)), flush=True)
-        code = 0
+        return 0
     except KeyboardInterrupt:  # Stopped, or the KeyboardInterrupt ray.get raises for it
         _best_effort(machine.stop)
         say("stopped; start the same command again to resume from the last checkpoint")
-        code = 130
+        return 130
     except RunFailed as e:
         _best_effort(lambda: machine.fail(e.message, e.stage))
         print(f"error: {e.message}", file=sys.stderr, flush=True)
-        code = 1
+        return 1
     except StorageUnavailable as e:
         msg = (f"storage unavailable: {e}. The run stopped; nothing half-written counts as a checkpoint. Run the "
                "same command again when storage is back to resume from the last complete checkpoint")
         _best_effort(lambda: machine.fail(msg, None))
         print(f"error: {msg}", file=sys.stderr, flush=True)
-        code = 1
+        return 1
     finally:
         if machine.bar is not None:
             machine.bar.close()
-    _linger(cfg, port)
-    return code
+
+
+def _write_report(storage: Storage, run_url: str) -> str:
+    from .report import write_run_report
+
+    return write_run_report(storage, run_url)
 
 
 def _stage_of(machine: StageMachine) -> Stage | None:
@@ -304,9 +332,13 @@ def _failure_message(e: BaseException, machine: StageMachine) -> str:
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
+    from .hub import WorkersUnplaceable
+
     st = _stage_of(machine)
     where = f"stage {st.name} failed" if st else "the run failed"
-    if isinstance(e, ControllerError) and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+    # Ray raises the timeout itself where no retry is left; RestartWatch turns a retried one into WorkersUnplaceable.
+    if isinstance(e, ControllerError) and isinstance(e.controller_failure,
+                                                     (WorkerGroupStartupTimeoutError, WorkersUnplaceable)):
         return (f"{where}: the cluster could not place {machine.cfg.cluster.num_workers} worker(s) within "
                 f"cluster.start_timeout_s ({machine.cfg.cluster.start_timeout_s:g} s): ask for fewer workers "
                 f"(cluster.num_workers), fewer CPUs/GPUs per worker, or a bigger cluster")
