@@ -266,7 +266,9 @@ class SweepSection(_Section):
         description="Dotted key -> {grid|choice: [...]} or {uniform|loguniform: [low, high]}.")
     num_samples: int = Field(4, ge=1, le=10000, description="Trials (per grid point).")
     max_concurrent: int = Field(1, ge=1, le=1000, description="Trials running at once.")
-    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo, or asha (early-stops trials on SWD).")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo, or asha (early-stops trials on SWD at stage ends).")
+    reduction_factor: int = Field(2, ge=2, le=100, description="ASHA: rungs at the first stage end with SWD x this^k; "
+                                                               "1/this of the trials at a rung go on.")
     metric: str = Field("swd_avg", description="Metric trials are compared on (lower is better).")
 
     @field_validator("search_space")
