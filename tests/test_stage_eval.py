@@ -142,3 +142,21 @@ def test_two_gloo_ranks_compute_the_swd_of_one_process(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["ranks"] == 2 and got["images"] == 100
         assert got["swd_x1e3"] == pytest.approx(one["swd_x1e3"], rel=1e-5)
+
+
+def test_a_spilled_share_in_float16_gives_the_in_memory_swd(tmp_path):
+    """Descriptors kept on local disk (one level mapped at a time), as large evaluations do, change nothing but
+    the float16 rounding."""
+    a, b = _images(80, 32, 4), _images(80, 32, 5)
+    cpu = torch.device("cpu")
+    mem = swd_dist.swd_of_shares(swd_dist.describe_share([(0, a)], 32, seed=1, device=cpu),
+                                 swd_dist.describe_share([(0, b)], 32, seed=2, device=cpu), seed=1)
+    sa = swd_dist.describe_share([(0, a[:33]), (33, a[33:])], 32, seed=1, device=cpu, dtype=torch.float16,
+                                 spill_dir=str(tmp_path))
+    sb = swd_dist.describe_share([(0, b)], 32, seed=2, device=cpu, dtype=torch.float16, spill_dir=str(tmp_path))
+    assert not any(sa.rows) and len(list(tmp_path.rglob("level-*.bin"))) == 4  # 2 levels x 2 sets, on disk
+    spilled = swd_dist.swd_of_shares(sa, sb, seed=1)
+    assert spilled["swd_x1e3"] == pytest.approx(mem["swd_x1e3"], rel=1e-3)
+    sa.close()
+    sb.close()
+    assert not list(tmp_path.rglob("level-*.bin"))

@@ -66,6 +66,7 @@ class StageEvaluator:
         self.rank, self.world = swd_dist.world()
         self.n = cfg.metrics.swd_images
         self.seed = cfg.run.seed
+        self.spill: str | None = None  # local directory for descriptors too large to hold (see swd_dist.Share)
 
     # ---- the two kinds of evaluation ------------------------------------------------------------------
     def baseline(self, G: torch.nn.Module) -> dict[str, Any]:
@@ -118,23 +119,42 @@ class StageEvaluator:
             swd_levels(resolution)
         except ImagesTooSmall as e:
             return {"levels": [], "swd_x1e3": {}, "avg": float("nan"), "skipped": str(e)}, None
+        import shutil
+        import tempfile
+
         n, seed = self.n, self.seed
         ranges = swd_dist.shard_ranges(n, self.rank, self.world)
         dtype = swd_dist.storage_dtype(n, resolution, self.world)
+        self.spill = tempfile.mkdtemp(prefix="pggan-swd-") if swd_dist.needs_spill(n, resolution, self.world) else None
+        try:
+            return self._swd_and_floor(G, resolution, alpha, floor, ranges, dtype)
+        finally:
+            if self.spill:
+                shutil.rmtree(self.spill, ignore_errors=True)
+
+    def _swd_and_floor(self, G: torch.nn.Module, resolution: int, alpha: float, floor: bool,
+                       ranges: list[tuple[int, int]],
+                       dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        n, seed = self.n, self.seed
         reals = self._reals(resolution, ranges, dtype, stream=swd_dist.REALS, offset=0)
         fakes = swd_dist.describe_share(self._fakes(G, resolution, alpha, ranges), resolution, device=self.device,
-                                        seed=swd_dist.set_seed(seed, swd_dist.FAKES), dtype=dtype)
+                                        seed=swd_dist.set_seed(seed, swd_dist.FAKES), dtype=dtype,
+                                        spill_dir=self.spill)
         result = swd_dist.swd_of_shares(reals, fakes, seed=seed)
-        del fakes
+        fakes.close()
         if not floor:
+            reals.close()
             return result, None
         floor_url = join(self.run_url, "swd_floor", f"floor-{resolution}px-{self._key(resolution)}.json")
         have = torch.tensor([1.0 if self.rank == 0 and self.storage.exists(floor_url) else 0.0],
                             dtype=torch.float64, device=self.device)
         if swd_dist._all_reduce(have).item() > 0:  # rank 0 decides for all (collectives follow)
+            reals.close()
             return result, self.storage.read_json(floor_url)
         second = self._reals(resolution, ranges, dtype, stream=swd_dist.REALS_2, offset=n)
         floor_result = {**swd_dist.swd_of_shares(reals, second, seed=seed), "what": "real vs real (two disjoint samples)"}
+        reals.close()
+        second.close()
         if self.rank == 0:
             self.storage.write_json(floor_url, floor_result)
         return result, floor_result
@@ -161,10 +181,11 @@ class StageEvaluator:
 
         cache = join(self.run_url, "swd_reals", f"{resolution}px-{self._key(resolution, stream)}")
         return swd_dist.cached_share(self.storage, cache, ranges, resolution, device=self.device, dtype=dtype,
-                                     seed=swd_dist.set_seed(self.seed, stream), images_of=images_of)
+                                     seed=swd_dist.set_seed(self.seed, stream), images_of=images_of,
+                                     spill_dir=self.spill)
 
-    def _fakes(self, G: torch.nn.Module, resolution: int, alpha: float, ranges: list[tuple[int, int]],
-               batch: int = 64):
+    def _fakes(self, G: torch.nn.Module, resolution: int, alpha: float, ranges: list[tuple[int, int]]):
+        batch = max(4, min(64, 2**22 // (resolution * resolution)))  # 64 up to 256x256, 4 at 1024x1024
         z_all = latents(self.n, self.cfg.model.latent_size, self.seed + 2)  # the same latents at every stage
         for a, b in ranges:
             for i in range(a, b, batch):
