@@ -77,6 +77,25 @@ def test_the_4x4_stage_end_has_a_grid_and_no_swd():
     storage.rm(run, recursive=True)
 
 
+def test_two_stage_ends_below_one_kimg_leave_two_snapshots():
+    """Regression: snapshots were named by whole kimg (snapshot-000000.pt), so every stage end below 1 kimg
+    overwrote the previous one; they are named by image count now, as checkpoints are."""
+    from pggan.checkpoint import load_snapshot
+    from pggan.training import GanTrainer
+
+    cfg = load_config(preset="demo", sets=TINY + ["metrics.swd_images=0"])
+    storage, run = Storage(), "memory://stage-eval-snapshots"
+    first, second = stages(cfg)[:2]  # 4x4 stable ends at 64 images, 8x8 fade-in at 128
+    assert second.end < 1000
+    ev, G = _evaluator(cfg, storage, run), GanTrainer.from_config(cfg).G_ema
+    ev.stage_end(G, first, last=False)
+    ev.stage_end(G, second, last=False)
+    names = sorted(storage.listdir(join(run, "snapshots")))
+    assert len(names) == 2, names
+    assert [load_snapshot(storage, join(run, "snapshots", n))["nimg"] for n in names] == [first.end, second.end]
+    storage.rm(run, recursive=True)
+
+
 def _images(n: int, res: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (n, 3, res, res), dtype=np.uint8)
