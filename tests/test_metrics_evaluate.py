@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -79,40 +77,27 @@ def test_evaluate_usage_errors_are_one_line(folders, capsys, argv, message):
     assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err
 
 
-class TinyG(torch.nn.Module):
-    """A stand-in generator: G(z, resolution, alpha) -> images in [-1, 1]."""
+def _save_tiny_snapshot(run: Path, resolution: int, nimg: int) -> str:
+    """A real snapshot of a tiny untrained generator, as a stage end writes it."""
+    from pggan.checkpoint import save_snapshot, snapshot_url
+    from pggan.config import ModelSection
+    from pggan.models import build_networks
 
-    latent_size = 8
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(8, 3 * 4 * 4)
-        self.calls: list[tuple[int, float]] = []
-
-    def forward(self, z, resolution, alpha):
-        self.calls.append((resolution, alpha))
-        x = torch.tanh(self.proj(z)).view(-1, 3, 4, 4)
-        return torch.nn.functional.interpolate(x, size=resolution, mode="bilinear")
+    model = ModelSection(max_resolution=resolution, latent_size=8, fmap_base=32, fmap_max=8)
+    G, _ = build_networks(model)
+    url = snapshot_url(str(run), nimg)
+    save_snapshot(Storage(), url, G.state_dict(), model.model_dump(mode="json"), resolution, nimg)
+    return url
 
 
-def test_evaluate_a_snapshot_generates_fakes_and_writes_beside_it(folders, tmp_path, monkeypatch, capsys):
+def test_evaluate_a_snapshot_generates_fakes_and_writes_beside_it(folders, tmp_path, capsys):
     reals, _ = folders
-    G = TinyG().eval()
-    snap = str(tmp_path / "run" / "snapshots" / "snapshot-000100.pt")
-    fake_ckpt = types.SimpleNamespace(load_generator=lambda src, storage, **kw: (G, 32, {"nimg": 100000}),
-                                      resolve_snapshot=lambda storage, src: snap)
-    monkeypatch.setitem(sys.modules, "pggan.checkpoint", fake_ckpt)
+    snap = _save_tiny_snapshot(tmp_path / "run", 32, 100_000)
     rc = main(["evaluate", str(tmp_path / "run"), "--reals", str(reals), "--metrics", "swd", "--images", "12"])
     assert rc == 0
-    assert G.calls and all(c == (32, 1.0) for c in G.calls)
     result = json.loads(Path(snap[:-3] + "-metrics.json").read_text())
     assert result["snapshot"] == snap and result["swd"]["levels"] == [32, 16] and result["swd"]["images"] == 12
-
-
-def test_evaluate_a_snapshot_without_the_checkpoint_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "pggan.checkpoint", None)  # as if it were not written yet
-    assert main(["evaluate", "runs/demo", "--metrics", "msssim", "--images", "4"]) == 2
-    assert "evaluating snapshots needs" in capsys.readouterr().err
+    assert result["resolution"] == 32
 
 
 def test_the_noise_floor_compares_two_disjoint_real_samples():
@@ -150,3 +135,27 @@ def test_bench_swd_prints_seconds_and_peak_memory_as_json(capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["images"] == 16 and line["resolution"] == 32
     assert line["seconds"] > 0 and line["peak_rss_mb"] > 0 and line["storage"] == "float32"
+
+
+def test_evaluate_a_run_trained_from_a_folder_reads_the_reals_the_driver_prepared(tmp_path, capsys):
+    """Regression: `evaluate RUN` on a run whose data.source is a folder looked for the reals under the cache root
+    (``<run>/data``), while the driver prepares them under ``<cache>/<stem>-<hash>-r<R>``."""
+    from pggan.checkpoint import save_snapshot, snapshot_url
+    from pggan.config import load_config
+    from pggan.driver import check_run_dir, prepare_data, run_url_of
+    from pggan.models import build_networks
+
+    src = write_folder(tmp_path / "faces", shapes(12, 32, seed=5))
+    cfg = load_config(preset="demo", sets=[f"storage.url={tmp_path / 'runs'}", "run.name=from-folder",
+                                           f"data.source={src}", "model.max_resolution=16",
+                                           "model.latent_size=8", "model.fmap_base=32", "model.fmap_max=8"])
+    storage, run = Storage(), run_url_of(cfg)
+    check_run_dir(cfg, storage, run, fresh=False)  # config.json, as the driver writes it
+    prepared = prepare_data(cfg, storage, run)  # the driver's own preparation (no Ray)
+    assert prepared.startswith(f"{run}/data/faces-") and prepared.endswith("-r0016")
+    G, _ = build_networks(cfg.model)
+    save_snapshot(storage, snapshot_url(run, 1000), G.state_dict(), cfg.model.model_dump(mode="json"), 16, 1000)
+
+    assert main(["evaluate", run, "--metrics", "swd", "--images", "8"]) == 0, capsys.readouterr().err
+    result = json.loads(Path(snapshot_url(run, 1000)[:-3] + "-metrics.json").read_text())
+    assert result["reals"] == prepared and result["swd"]["images"] == 8 and result["swd"]["levels"] == [16]

@@ -92,6 +92,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def center_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The crop box (left, top, right, bottom) of the centred square of the shorter side: the one crop rule
+    for `prepare` and for the image folders `evaluate` reads."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def decode_square(data: bytes, resolution: int,
                   upscale_small: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode one file to uint8 [3, R, R]: RGB, center-cropped to a square, Lanczos-resized to R.
@@ -109,12 +117,11 @@ def decode_square(data: bytes, resolution: int,
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unusable, nothing more
         raise BadImage(f"cannot decode: {type(e).__name__}: {str(e)[:160]}") from None
     w, h = img.size
-    side = min(w, h)
+    box = center_square(w, h)
+    side = box[2] - box[0]
     if side < resolution and not upscale_small:
         raise BadImage(f"too small: {w}x{h} is below {resolution}x{resolution} "
                        "(use --upscale-small / data.upscale_small to upscale)")
-    left, top = (w - side) // 2, (h - side) // 2
-    box = (left, top, left + side, top + side)
     if side == resolution:
         img = img.crop(box)
     else:

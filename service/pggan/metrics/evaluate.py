@@ -13,7 +13,6 @@ fakes seed+2, SWD neighbourhoods and directions seed.
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import json
 import time
@@ -23,12 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import ConfigError, from_json
+from ..data import load_images, resolve_source
+from ..data.images import center_square, is_image_name, to_rgb
 from ..errors import UserError
 from ..storage import Storage, join
 from .msssim import ms_ssim_pairs
 from .swd import swd
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 METRICS = ("swd", "msssim")
 
 
@@ -42,15 +43,15 @@ def image_files(storage: Storage, url: str) -> list[str]:
         names = storage.listdir(url)
     except (NotADirectoryError, FileNotFoundError):
         return []
-    return [n for n in names if n.lower().endswith(IMAGE_EXTS)]
+    return [n for n in names if is_image_name(n)]
 
 
 def _to_square(img: Image.Image, resolution: int | None) -> np.ndarray:
-    img = img.convert("RGB")
-    w, h = img.size
-    if w != h:  # centre crop: generated and dataset images are square
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    """RGB, centre-cropped as `prepare` crops, then box-filtered down to the resolution (as the data's lower
+    resolutions are built from the top one)."""
+    img = to_rgb(img)
+    if img.size[0] != img.size[1]:  # generated and dataset images are square
+        img = img.crop(center_square(*img.size))
     if resolution is not None and img.size[0] != resolution:
         if img.size[0] < resolution:
             raise UserError(f"image of {img.size[0]}x{img.size[0]} is smaller than --resolution {resolution}")
@@ -85,14 +86,7 @@ def load_reals(source: str, storage: Storage, resolution: int, n: int, seed: int
     """n real images at resolution: a folder of images, or any source pggan.data.load_images opens."""
     if image_files(storage, source):
         return load_folder(storage, source, n, seed, resolution)
-    try:
-        data = importlib.import_module("pggan.data")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("pggan"):
-            raise UserError(f"{source}: not a folder of images, and loading datasets needs the data module "
-                            "(pggan.data), which is not built yet") from None
-        raise
-    return np.asarray(data.load_images(source, storage, resolution, n, seed=seed, **dataset_kwargs))
+    return np.asarray(load_images(source, storage, resolution, n, seed=seed, **dataset_kwargs))
 
 
 def _run_dir(snapshot_url: str) -> str:
@@ -103,59 +97,38 @@ def _run_dir(snapshot_url: str) -> str:
 
 
 def reals_of_run(storage: Storage, run_url: str) -> tuple[str, dict[str, Any]]:
-    """(reals source, load_images keyword arguments) from a run directory's config.json."""
+    """(reals source, load_images keyword arguments) from a run directory's config.json: the data the run
+    trained on, found where the driver prepared it (:func:`pggan.driver.prepare_data`)."""
     url = join(run_url, "config.json")
     if not storage.exists(url):
         raise UserError(f"no --reals given and {url} does not exist; pass --reals DATASET_OR_FOLDER")
-    cfg = storage.read_json(url)
-    data = cfg.get("data", {})
-    src = data.get("source")
-    if not src:
-        raise UserError(f"{url} names no data.source; pass --reals")
-    kwargs: dict[str, Any] = {}
-    if src.startswith("synthetic:"):
+    try:
+        cfg = from_json(storage.read_json(url))
+    except (ConfigError, ValueError) as e:
+        raise UserError(f"{url} does not validate ({e}); pass --reals DATASET_OR_FOLDER") from None
+    data, top = cfg.data, cfg.model.max_resolution
+    if data.source.startswith("synthetic:"):
         # The same synthetic set training saw: its size and top resolution (box pyramid) matter.
-        if data.get("synthetic_images"):
-            kwargs["synthetic_images"] = data["synthetic_images"]
-        if cfg.get("model", {}).get("max_resolution"):
-            kwargs["max_resolution"] = cfg["model"]["max_resolution"]
-        return src, kwargs
-    prepared = data.get("cache_url") or join(run_url, "data")  # where the driver prepared a folder/zip source
-    return (prepared if storage.exists(prepared) else src), kwargs
+        return data.source, {"synthetic_images": data.synthetic_images, "max_resolution": top}
+    top = data.resolution or top
+    prepared = resolve_source(data.source, storage, top, cache_url=data.cache_url or join(run_url, "data"),
+                              max_bad_fraction=data.max_bad_fraction, upscale_small=data.upscale_small)
+    return prepared, {"max_resolution": top}
 
 
 def generate_fakes(G: torch.nn.Module, n: int, resolution: int, seed: int, batch: int = 256) -> np.ndarray:
     """n uint8 images [n, 3, R, R] from G(z, R, alpha=1), z ~ N(0, 1) seeded on the CPU."""
-    try:
-        from ..generate import generate_images
-    except ImportError:
-        generate_images = None
-    if generate_images is not None:
-        return generate_images(G, n, resolution, 1.0, seed=seed, batch=batch)
-    device = next(G.parameters()).device
-    z = torch.randn(n, G.latent_size, generator=torch.Generator().manual_seed(seed))
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            x = G(z[i:i + batch].to(device), resolution, 1.0)
-            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
-    return np.concatenate(out)
+    from ..generate import generate_images
+
+    return generate_images(G, n, resolution, 1.0, seed=seed, batch=batch)
 
 
 def _load_generator(source: str, storage: Storage, device: str) -> tuple[torch.nn.Module, int, str]:
-    """(G in eval mode, its resolution, the snapshot URL) via pggan.checkpoint, which may not exist yet."""
-    try:
-        ckpt = importlib.import_module("pggan.checkpoint")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("pggan"):
-            raise UserError("evaluating snapshots needs the checkpoint module (pggan.checkpoint), which is not "
-                            "built yet; evaluate two image folders with --reals A --fakes B") from None
-        raise
-    loaded = ckpt.load_generator(source, storage, device=device) if device != "cpu" else \
-        ckpt.load_generator(source, storage)
-    G, res = loaded[0], int(loaded[1])
-    url = ckpt.resolve_snapshot(storage, source) if hasattr(ckpt, "resolve_snapshot") else source
-    return G.eval(), res, url
+    """(G in eval mode, its resolution, the snapshot URL)."""
+    from ..checkpoint import load_generator, resolve_snapshot
+
+    G, res, _ = load_generator(source, storage, device=device)
+    return G.eval(), int(res), resolve_snapshot(storage, source)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
