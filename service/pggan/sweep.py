@@ -128,7 +128,8 @@ def swd_result(record: dict[str, Any]) -> dict[str, Any]:
             **{f"swd_{lvl}": float(v) for lvl, v in swd["swd_x1e3"].items()}}
 
 
-def finalize(cfg: RunConfig, trial: str, to: str, note: str, hub: Any = None, restop: bool = False) -> bool:
+def finalize(cfg: RunConfig, trial: str, to: str, note: str, hub: Any = None, restop: bool = False,
+             wait: bool = True) -> bool:
     """Give an unfinished trial run a final state (run_state.json and the exporter's state series), so that no
     trial ends still `training` (PgganRunVanished fires on a run whose series vanish in that state). A run in a
     final state keeps it (a stopped one gets the new note with ``restop``). Returns whether it changed anything."""
@@ -142,7 +143,10 @@ def finalize(cfg: RunConfig, trial: str, to: str, note: str, hub: Any = None, re
     st.save(storage, url)
     if hub is not None:
         try:
-            call(hub, "set_state", cfg.run.name, trial, to)
+            if wait:
+                call(hub, "set_state", cfg.run.name, trial, to)
+            else:  # in a signal handler: no blocking Ray call
+                hub.set_state.remote(cfg.run.name, trial, to)
         except Exception:  # noqa: BLE001 - the run directory holds the state; the exporter is best effort
             pass
     return True
@@ -387,7 +391,8 @@ def _stop_handler(cfg: RunConfig, trials: list[dict[str, Any]], hub: Any) -> Non
         n = 0
         for t in trials:
             try:
-                n += finalize(trial_config(base, t["params"], t["name"]), t["name"], "stopped", SWEEP_STOP_NOTE, hub)
+                n += finalize(trial_config(base, t["params"], t["name"]), t["name"], "stopped", SWEEP_STOP_NOTE, hub,
+                              wait=False)
             except Exception as e:  # noqa: BLE001 - the others still get theirs
                 print(f"warning: could not mark {t['name']} stopped ({type(e).__name__}: {e})", file=sys.stderr)
         say(f"sweep stopped ({n} running trial(s) marked stopped); run the same command again to resume")
