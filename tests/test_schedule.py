@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pggan.config import load_config
-from pggan.schedule import stage_at, stages, total_nimg
+from pggan.schedule import current_stage, stages, total_nimg
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,22 @@ def test_paper_timeline_reaches_1024_at_12800_kimg(paper):
     assert len(st_) == 1 + 2 * 8
 
 
+def in_stage(nimg, cfg):
+    return current_stage(nimg, stages(cfg))
+
+
 def test_paper_8x8_fades_in_over_kimg_800_to_1600(paper):
-    assert stage_at(799_999, paper).resolution == 4
-    at = stage_at(800_000, paper)
-    assert (at.resolution, at.kind, at.alpha) == (8, "fade", 0.0)
-    assert at.first_nimg == 800_000 and at.last_nimg == 1_599_999
-    assert stage_at(1_600_000, paper).kind == "stable" and stage_at(1_600_000, paper).resolution == 8
+    assert in_stage(799_999, paper).resolution == 4
+    at = in_stage(800_000, paper)
+    assert (at.resolution, at.kind, at.alpha(800_000)) == (8, "fade", 0.0)
+    assert at.start == 800_000 and at.end == 1_600_000
+    assert in_stage(1_600_000, paper).kind == "stable" and in_stage(1_600_000, paper).resolution == 8
 
 
 def test_alpha_is_half_in_the_middle_of_a_fade_in(paper):
-    assert stage_at(1_200_000, paper).alpha == pytest.approx(0.5)
-    assert stage_at(1_000_000, paper).alpha == pytest.approx(0.25)
-    assert stage_at(400_000, paper).alpha == 1.0  # stable stage
+    assert in_stage(1_200_000, paper).alpha(1_200_000) == pytest.approx(0.5)
+    assert in_stage(1_000_000, paper).alpha(1_000_000) == pytest.approx(0.25)
+    assert in_stage(400_000, paper).alpha(400_000) == 1.0  # stable stage
 
 
 @pytest.mark.parametrize("res,mb", [(4, 16), (8, 16), (64, 16), (128, 16), (256, 14), (512, 6), (1024, 3)])
@@ -105,25 +109,25 @@ def test_total_kimg_before_the_end_cuts_the_schedule():
 
 def test_negative_image_count_is_rejected(demo):
     with pytest.raises(ValueError):
-        stage_at(-1, demo)
+        in_stage(-1, demo)
 
 
 @settings(max_examples=300, deadline=None)
 @given(a=st.integers(0, 14_000_000), b=st.integers(0, 14_000_000))
-def test_stage_at_is_monotone_in_nimg(paper, a, b):
+def test_the_current_stage_is_monotone_in_nimg(paper, a, b):
     lo, hi = sorted((a, b))
-    sa, sb = stage_at(lo, paper), stage_at(hi, paper)
+    sa, sb = in_stage(lo, paper), in_stage(hi, paper)
     assert sa.index <= sb.index
     assert sa.resolution <= sb.resolution
     if sa.index == sb.index:
-        assert sa.alpha <= sb.alpha
+        assert sa.alpha(lo) <= sb.alpha(hi)
 
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(0, 14_000_000))
 def test_every_nimg_maps_to_exactly_one_stage_with_alpha_in_unit_range(paper, n):
-    at = stage_at(n, paper)
-    assert 0.0 <= at.alpha <= 1.0
+    at = in_stage(n, paper)
+    assert 0.0 <= at.alpha(n) <= 1.0
     if n < total_nimg(paper):
         containing = [s for s in stages(paper) if s.start <= n < s.end]
-        assert containing == [at.stage]
+        assert containing == [at]

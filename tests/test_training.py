@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -443,10 +442,11 @@ def test_two_gloo_ranks_end_with_the_weights_of_one_process_on_the_whole_batch(t
 def test_bench_step_prints_one_json_line_per_resolution(capsys):
     from pggan.training.bench import bench_step
 
-    args = Namespace(resolution=[4, 8], batch=4, fmap_base=32, fmap_max=4, latent_size=8, device="cpu",
-                     amp="none", compile=False, no_channels_last=False, no_fused=False, loss="wgan-gp", steps=2,
-                     warmup=1, threads=2, grad_fakes=False, no_freeze_d=False, no_fused_adam=False,
-                     scale_mode="operand", no_flops=False)
+    from pggan.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "step", "--resolution", "4", "--resolution", "8", "--batch", "4",
+                                      "--fmap-base", "32", "--fmap-max", "4", "--latent-size", "8", "--steps", "2",
+                                      "--warmup", "1", "--threads", "2"])
     assert bench_step(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [rec["resolution"] for rec in lines] == [4, 8]

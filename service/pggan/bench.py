@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .errors import UserError
-
 _BENCHES = {
     "step": ("pggan.training.bench", "bench_step"),
     "data": ("pggan.data.bench", "bench_data"),
@@ -17,10 +15,4 @@ _BENCHES = {
 
 def cli_bench(args: argparse.Namespace) -> int:
     module, func = _BENCHES[args.what]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("pggan"):
-            raise UserError(f"`bench {args.what}` is not built yet") from None
-        raise
-    return getattr(mod, func)(args)
+    return getattr(importlib.import_module(module), func)(args)

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-freeze-d", action="store_true", help="step: compute D's weight grads in the G step")
     p.add_argument("--two-d-passes", action="store_true", help="step: score reals and fakes in two D passes, not one")
     p.add_argument("--no-fused-adam", action="store_true", help="step: foreach Adam instead of fused")
+    p.add_argument("--host-sync", action="store_true",
+                   help="step: skip non-finite steps by a host-side check instead of the device flag")
     p.add_argument("--scale-mode", default="operand", choices=["operand", "output"],
                    help="step: equalized-lr scale on the weight/input (operand) or on the output activations")
     p.add_argument("--no-flops", action="store_true", help="step: skip the FLOP count")
@@ -147,16 +149,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """The handler in pggan.<module>, imported when the subcommand runs (train and sweep import Ray)."""
+
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        try:
-            mod = importlib.import_module(f"pggan.{module}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("pggan"):
-                raise UserError(f"`{args.command}` is not built yet") from None
-            raise
-        return getattr(mod, func)(args)
+        return getattr(importlib.import_module(f"pggan.{module}"), func)(args)
 
     return run
 

@@ -58,43 +58,6 @@ class Stage:
         return asdict(self) | {"name": self.name}
 
 
-@dataclass(frozen=True)
-class StageAt:
-    """What :func:`stage_at` answers: the stage containing nimg and the alpha there."""
-
-    stage: Stage
-    alpha: float
-
-    @property
-    def index(self) -> int:
-        return self.stage.index
-
-    @property
-    def resolution(self) -> int:
-        return self.stage.resolution
-
-    @property
-    def kind(self) -> Kind:
-        return self.stage.kind
-
-    @property
-    def minibatch(self) -> int:
-        return self.stage.minibatch
-
-    @property
-    def lr(self) -> float:
-        return self.stage.lr
-
-    @property
-    def first_nimg(self) -> int:
-        return self.stage.start
-
-    @property
-    def last_nimg(self) -> int:
-        """The last image count inside the stage (end - 1)."""
-        return self.stage.end - 1
-
-
 def _steps_nimg(nimg: int, minibatch: int) -> int:
     return -(-nimg // minibatch) * minibatch  # ceil to whole steps
 
@@ -131,19 +94,12 @@ def total_nimg(cfg: "RunConfig") -> int:
     return stages(cfg)[-1].end
 
 
-def stage_at(nimg: int, cfg: "RunConfig", _stages: list[Stage] | None = None) -> StageAt:
-    """The stage containing image count ``nimg`` and the fade-in alpha there.
-
-    Past the end of the run this answers the last stage (alpha of its end). Negative counts are an error.
-    """
+def current_stage(nimg: int, all_stages: list[Stage]) -> Stage:
+    """The stage a run that has seen ``nimg`` images is in: the first one ending after nimg (the last one past
+    the end of the run). Its fade-in alpha there is ``stage.alpha(nimg)``. Negative counts are an error."""
     if nimg < 0:
         raise ValueError(f"nimg must be >= 0, got {nimg}")
-    all_stages = _stages if _stages is not None else stages(cfg)
-    for st in all_stages:
-        if nimg < st.end:
-            return StageAt(st, st.alpha(nimg))
-    last = all_stages[-1]
-    return StageAt(last, last.alpha(nimg))
+    return next((st for st in all_stages if nimg < st.end), all_stages[-1])
 
 
 def lr_at(nimg: int, stage: Stage, rampup_kimg: float) -> float:

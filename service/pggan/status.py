@@ -234,9 +234,9 @@ def summarize(view: RunView, now: float | None = None) -> dict[str, Any]:
     # Phase: the stage (schedule's view at nimg; the state machine's stage while it evaluates).
     stage_info: dict[str, Any] | None = None
     if all_stages:
-        from .schedule import stage_at
+        from .schedule import current_stage
 
-        cur = stage_at(min(nimg, total - 1) if total else 0, cfg, all_stages).stage
+        cur = current_stage(min(nimg, total - 1) if total else 0, all_stages)
         if st.state in ("evaluating", "completed") and st.stage_index is not None \
                 and 0 <= st.stage_index < len(all_stages):
             cur = all_stages[st.stage_index]
@@ -464,7 +464,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Storage, str]:
         storage, url = Storage(), args.source
     else:
         raise UserError(f"{args.command}: name a run: RUN_URL, or --config/--set giving storage.url and run.name")
-    endpoint = getattr(args, "endpoint_url", None) or storage.endpoint_url
+    endpoint = args.endpoint_url or storage.endpoint_url
     return Storage(endpoint_url=endpoint, options=storage.options, retry_attempts=3, retry_max_wait_s=15.0), url
 
 

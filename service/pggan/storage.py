@@ -27,10 +27,6 @@ from .errors import UserError
 T = TypeVar("T")
 
 
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def normalize(url: str) -> str:
     """Absolute form of a URL: local paths become absolute (workers run in another directory)."""
     if url.startswith("file://"):

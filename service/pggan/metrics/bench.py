@@ -24,19 +24,11 @@ from .swd import swd
 
 def _render(first: int, n: int, resolution: int, batch: int, clock: list[float]) -> Iterator[np.ndarray]:
     """Synthetic images first..first+n in batches; time spent rendering is added to clock[0]."""
-    try:
-        from ..data import render_shapes
-    except ImportError:  # the data package is optional here: fall back to smooth random images
-        render_shapes = None
+    from ..data import render_shapes
+
     for i in range(first, first + n, batch):
         t = time.perf_counter()
-        idx = np.arange(i, min(i + batch, first + n))
-        if render_shapes is not None:
-            imgs = render_shapes(1, idx, resolution)
-        else:
-            g = torch.Generator().manual_seed(int(i))
-            low = torch.rand(len(idx), 3, 4, 4, generator=g) * 255
-            imgs = torch.nn.functional.interpolate(low, size=resolution, mode="bilinear").round().byte().numpy()
+        imgs = render_shapes(1, np.arange(i, min(i + batch, first + n)), resolution)
         clock[0] += time.perf_counter() - t
         yield imgs
 

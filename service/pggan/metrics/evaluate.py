@@ -186,7 +186,7 @@ def cli_evaluate(args: argparse.Namespace) -> int:
     metrics = _metrics(args.metrics)
     if args.images < 2:
         raise UserError("--images must be at least 2")
-    storage = Storage(endpoint_url=getattr(args, "endpoint_url", None))
+    storage = Storage(endpoint_url=args.endpoint_url)
     device = None if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device available")

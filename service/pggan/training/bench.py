@@ -131,11 +131,11 @@ def bench_step(args: argparse.Namespace) -> int:
     options = StepOptions(amp=args.amp,
                           channels_last=not args.no_channels_last,
                           compile=args.compile,
-                          no_grad_fakes=not getattr(args, "grad_fakes", False),
-                          freeze_d_in_g_step=not getattr(args, "no_freeze_d", False),
-                          one_d_pass=not getattr(args, "two_d_passes", False),
-                          fused_adam=False if getattr(args, "no_fused_adam", False) else None,
-                          device_skip=False if getattr(args, "host_sync", False) else None)
+                          no_grad_fakes=not args.grad_fakes,
+                          freeze_d_in_g_step=not args.no_freeze_d,
+                          one_d_pass=not args.two_d_passes,
+                          fused_adam=False if args.no_fused_adam else None,
+                          device_skip=False if args.host_sync else None)
     resolutions = args.resolution or [4, 8, 16, 32, 64]
     bad = [r for r in resolutions if r not in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]
     if bad:
@@ -153,8 +153,8 @@ def bench_step(args: argparse.Namespace) -> int:
     loss = LossSection(kind=args.loss)
     for res in resolutions:
         rec = run_step_bench(res, args.batch, model, loss, options, device=args.device, steps=args.steps,
-                             warmup=args.warmup, scale_mode=getattr(args, "scale_mode", "operand"),
-                             count_flops=not getattr(args, "no_flops", False))
+                             warmup=args.warmup, scale_mode=args.scale_mode,
+                             count_flops=not args.no_flops)
         print(json.dumps(rec), flush=True)
     sys.stdout.flush()
     return 0
