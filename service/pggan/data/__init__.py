@@ -13,8 +13,10 @@ Public API (what the worker, the driver and the metrics import)::
 Importing this package does not import torch (the loader imports it when it starts).
 """
 
-from .dataset import (Dataset, Loader, PreparedDataset, SyntheticDataset, load_images, open_dataset,
-                      rank_plan, rank_span, resolve_source, sample_indices)
+from .dataset import (Dataset, PreparedDataset, SyntheticDataset, load_images, open_dataset, resolve_source,
+                      sample_indices)
+from .loader import Loader
+from .order import rank_plan, rank_span
 from .images import box_downsample, box_pyramid
 from .prepare import PrepareResult, prepare_dataset, read_manifest
 from .synthetic import render_shapes

@@ -1,70 +1,28 @@
 """Datasets the training workers and the metrics read: synthetic, prepared, or images prepared on the fly.
 
-Data order (the contract resume relies on). For one resolution, images are cut into *chunks* of contiguous
-indices (about 2 MiB each: a chunk is one range read). Epoch ``e`` is a permutation of all images: the chunks
-in an order drawn from ``(seed, e)``. Rank ``r`` of ``W`` takes the contiguous slice ``[start_r, start_r + L_r)``
-of it (``L_r`` = N // W, plus one for the first N % W ranks), so ranks are disjoint and together cover every
-image exactly once per epoch; inside its slice a rank shuffles within *windows* of about 64 MiB (seeded by
-``(seed, e, r)``) and draws mirror flips from the same key. A rank's stream is its slices of epochs 0, 1, 2, ...
-back to back, and batch ``b`` is stream positions ``[b * B, (b + 1) * B)`` — so ``start_batch`` jumps straight
-to the right epoch and window, and reads only what it yields. Prepared data are stored in a shuffled order
-(see prepare.py), so a chunk is already a random sample of the dataset.
+The order a rank reads them in is :mod:`pggan.data.order`; the background loader that reads and converts its
+batches is :mod:`pggan.data.loader`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import queue
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
 from ..storage import Storage, explain_storage_error, join, normalize
 from .images import box_downsample, check_resolution, pyramid_resolutions
+from .loader import Loader
+from .order import CHUNK_BYTES, WINDOW_BYTES
 from .prepare import MANIFEST, prepare_dataset, read_manifest
 from .synthetic import render_shapes
 
-if TYPE_CHECKING:
-    import torch
-
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_KINDS = ("shapes",)
-CHUNK_BYTES = 2 << 20           # contiguous images per range read (and per unit of the epoch permutation)
-WINDOW_BYTES = 64 << 20         # images a rank shuffles among (bounds the loader's memory)
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "pggan", "data")
-
-
-# ---- order: a pure function of (num_images, sizes, seed, epoch, rank, world_size) ---------------------
-
-def rank_span(num_images: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(start, length) of rank's slice of an epoch: lengths differ by at most one, slices tile [0, N)."""
-    base, extra = divmod(num_images, world_size)
-    return rank * base + min(rank, extra), base + (rank < extra)
-
-
-def epoch_order(num_images: int, chunk: int, seed: int, epoch: int) -> np.ndarray:
-    """Epoch ``epoch``'s permutation of all image indices: contiguous chunks in a seeded order. int64 [N]."""
-    n_chunks = -(-num_images // chunk)
-    perm = np.random.default_rng([seed, epoch, 0x0DA7A]).permutation(n_chunks)
-    starts = perm * chunk                                                    # [C]
-    lengths = np.minimum(starts + chunk, num_images) - starts                # last chunk may be short
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)               # [N] start of each in the output
-    return np.repeat(starts, lengths) + (np.arange(num_images) - offsets)
-
-
-def rank_plan(num_images: int, chunk: int, window: int, seed: int, epoch: int, rank: int,
-              world_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image indices int64 [L_r], mirror flips bool [L_r]) of rank's slice of an epoch, in yield order."""
-    start, length = rank_span(num_images, rank, world_size)
-    part = epoch_order(num_images, chunk, seed, epoch)[start:start + length]
-    rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
-    keys = rng.random(length)
-    order = np.lexsort((keys, np.arange(length) // window))                  # shuffle inside each window
-    flips = rng.random(length) < 0.5
-    return part[order], flips
 
 
 # ---- datasets ------------------------------------------------------------------------------------------
@@ -303,162 +261,3 @@ def load_images(source: str, storage: Storage, resolution: int, n: int, seed: in
     top = open_kwargs.pop("max_resolution", None) or resolution
     ds = open_dataset(source, storage, max(top, resolution), **open_kwargs)
     return ds.images(resolution, sample_indices(ds.num_images, n, seed))
-
-
-# ---- the loader ------------------------------------------------------------------------------------------
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-class Loader:
-    """Batches of one rank at one resolution, produced by a background thread (see Dataset.loader)."""
-
-    def __init__(self, dataset: Dataset, resolution: int, *, rank: int, world_size: int, batch_size: int,
-                 seed: int, mirror: bool, start_batch: int = 0, prefetch: int = 4):
-        dataset._check(resolution)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
-        if batch_size < 1 or start_batch < 0:
-            raise ValueError("batch_size must be >= 1 and start_batch >= 0")
-        if dataset.num_images < world_size:
-            raise UserError(f"dataset {dataset.source} has {dataset.num_images} images, fewer than the "
-                            f"{world_size} workers")
-        self.dataset, self.resolution = dataset, resolution
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.seed, self.mirror, self.start_batch = seed, mirror, start_batch
-        self.chunk = dataset.chunk_size(resolution)
-        self.window = dataset.window_size(resolution)
-        self.length = rank_span(dataset.num_images, rank, world_size)[1]    # images per epoch for this rank
-        # The thread holds the producer, never this object: an abandoned Loader is collected and stops it.
-        self._producer = _Producer(self, max(1, prefetch))
-        self._thread = threading.Thread(target=self._producer.run, daemon=True,
-                                        name=f"pggan-loader-r{rank}-{resolution}")
-        self._thread.start()
-
-    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image indices [L_r], flips [L_r]) of this rank in ``epoch``, in yield order."""
-        idx, flips = rank_plan(self.dataset.num_images, self.chunk, self.window, self.seed, epoch,
-                               self.rank, self.world_size)
-        return idx, flips & self.mirror
-
-    def batch_indices(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image indices [B], flips [B]) of batch number ``batch`` of this rank: what it yields, without I/O."""
-        pos = np.arange(batch * self.batch_size, (batch + 1) * self.batch_size)
-        epochs, offs = np.divmod(pos, self.length)
-        idx = np.empty(len(pos), np.int64)
-        flips = np.empty(len(pos), bool)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            p_idx, p_flip = self.plan(int(e))
-            idx[sel], flips[sel] = p_idx[offs[sel]], p_flip[offs[sel]]
-        return idx, flips
-
-    def __iter__(self) -> "Loader":
-        return self
-
-    def __next__(self) -> "torch.Tensor":
-        item = self._producer.queue.get()
-        if isinstance(item, _Failure):
-            self.close()
-            raise item.exc
-        return item
-
-    def close(self) -> None:
-        """Stop the background thread (idempotent)."""
-        self._producer.stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> "Loader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        producer = getattr(self, "_producer", None)
-        if producer is not None:
-            producer.stop.set()
-
-
-class _Producer:
-    """The background half of a Loader: reads a window at a time, cuts batches, converts, queues them."""
-
-    def __init__(self, loader: Loader, prefetch: int):
-        self.dataset, self.res = loader.dataset, loader.resolution
-        self.B, self.length, self.window = loader.batch_size, loader.length, loader.window
-        self.start = loader.start_batch * loader.batch_size     # first stream position to yield
-        self.plan_args = (loader.dataset.num_images, loader.chunk, loader.window, loader.seed)
-        self.rank, self.world_size, self.mirror = loader.rank, loader.world_size, loader.mirror
-        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised on its next()
-            self._put(_Failure(e))
-
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        import torch
-
-        B, R = self.B, self.res
-        pos = self.start
-        plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []     # (store, where, flips) per read
-        have = 0
-        while not self.stop.is_set():
-            epoch, off = divmod(pos, self.length)
-            if epoch not in plans:
-                plans.clear()
-                idx, flips = rank_plan(*self.plan_args, epoch, self.rank, self.world_size)
-                plans[epoch] = (idx, flips & self.mirror)
-            idx, flips = plans[epoch]
-            end = min((off // self.window + 1) * self.window, self.length)     # to the end of this window
-            store, where = self.dataset._read(R, idx[off:end])                 # uint8 [U, 3, R, R]
-            where = np.arange(end - off) if where is None else where
-            pieces.append((store, where, flips[off:end]))
-            have += end - off
-            pos += end - off
-            while have >= B and not self.stop.is_set():
-                batch, bflips, pieces, have = _take(pieces, have, B)           # uint8 [B, 3, R, R]
-                if bflips.any():
-                    batch[bflips] = batch[bflips][..., ::-1]                    # mirror: flip the width axis
-                # uint8 -> [-1, 1] in numpy (single-threaded, releases the GIL), bit-identical to
-                # x.float() / 127.5 - 1 in torch, whose intra-op threads here would fight the training
-                # thread's (measured 35 ms vs 1 ms per 16x3x256x256 batch on 2 busy cores).
-                x = batch.astype(np.float32)
-                x /= np.float32(127.5)
-                x -= np.float32(1.0)
-                if not self._put(torch.from_numpy(x)):                        # float32 [B, 3, R, R]
-                    return
-
-
-def _take(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], have: int, n: int
-          ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]], int]:
-    """Gather the first n buffered images (a fresh array) and their flips; the rest stays buffered."""
-    imgs, flips, rest, got = [], [], [], 0
-    for k, (store, where, f) in enumerate(pieces):
-        if got == n:
-            rest = pieces[k:]
-            break
-        take = min(n - got, len(where))
-        imgs.append(store[where[:take]])                 # the gather is the copy the batch needs anyway
-        flips.append(f[:take])
-        got += take
-        if take < len(where):
-            rest = [(store, where[take:], f[take:])] + pieces[k + 1:]
-            break
-    batch = np.concatenate(imgs) if len(imgs) > 1 else imgs[0]
-    return batch, np.concatenate(flips), rest, have - n

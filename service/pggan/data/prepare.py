@@ -75,30 +75,6 @@ def npy_bytes(arr: np.ndarray) -> tuple[bytes, int]:
 
 # ---- one part (runs in a worker process) -----------------------------------------------------------
 
-class Dest:
-    """Reads and writes under the destination through one filesystem instance.
-
-    Storage.read_bytes/write_bytes build a fresh filesystem per call (right for long runs, where it keeps
-    listings fresh), which costs a new S3 client (~0.3 s) per object; a part writes dozens of objects.
-    Writes stay atomic: a PUT on object stores, temp file + rename (Storage.write_bytes) locally.
-    """
-
-    def __init__(self, storage: Storage, url: str):
-        self.storage, self.url = storage, url
-        self.fs, self.root = storage.fs(url)
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        self.object_store = not ({"file", "local", "memory"} & set(protocols))
-
-    def write(self, rel: str, data: bytes) -> None:
-        if not self.object_store:
-            self.storage.write_bytes(join(self.url, rel), data)
-            return
-        self.storage.retry(f"write {self.url}/{rel}", lambda: self.fs.pipe_file(f"{self.root}/{rel}", data))
-
-    def read(self, rel: str) -> bytes:
-        return self.storage.retry(f"read {self.url}/{rel}", lambda: self.fs.cat_file(f"{self.root}/{rel}"))
-
-
 @dataclass(frozen=True)
 class PartSpec:
     """Everything a worker process needs for one part; plain data (pickled to the process)."""
@@ -114,6 +90,13 @@ class PartSpec:
     @property
     def record_name(self) -> str:
         return f"parts/p{self.index:05d}.json"
+
+    def write(self, rel: str, data: bytes) -> None:
+        """One object under the destination (atomic: a PUT on object stores, temp file + rename locally)."""
+        self.storage.write_bytes(join(self.dst, rel), data)
+
+    def read(self, rel: str) -> bytes:
+        return self.storage.read_bytes(join(self.dst, rel))
 
     def digest(self) -> str:
         """Identity of the part's work: a record with another digest (other files, resolution) is stale."""
@@ -137,8 +120,8 @@ def _tick(n: int) -> None:
 class _ShardWriter:
     """Buffers one resolution's images of a part and writes a shard whenever the buffer is full."""
 
-    def __init__(self, spec: PartSpec, dest: Dest, resolution: int):
-        self.spec, self.dest, self.res = spec, dest, resolution
+    def __init__(self, spec: PartSpec, resolution: int):
+        self.spec, self.res = spec, resolution
         self.per_shard = images_per_shard(resolution, len(spec.names))
         self.buf: list[np.ndarray] = []
         self.shards: list[dict[str, Any]] = []
@@ -154,13 +137,13 @@ class _ShardWriter:
         arr = np.stack(self.buf)                   # [n, 3, res, res]
         data, offset = npy_bytes(arr)
         name = shard_name(self.res, self.spec.index, len(self.shards))
-        self.dest.write(name, data)
+        self.spec.write(name, data)
         self.shards.append({"path": name, "count": len(self.buf), "offset": offset, "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
         self.buf = []
 
 
-def _verified(spec: PartSpec, dest: Dest, record: dict[str, Any]) -> bool:
+def _verified(spec: PartSpec, record: dict[str, Any]) -> bool:
     """A finished part is kept only if its record matches this plan and every shard hashes as recorded."""
     if record.get("digest") != spec.digest():
         return False
@@ -169,7 +152,7 @@ def _verified(spec: PartSpec, dest: Dest, record: dict[str, Any]) -> bool:
     for shards in record["shards"].values():
         for s in shards:
             try:
-                data = dest.read(s["path"])
+                data = spec.read(s["path"])
             except FileNotFoundError:
                 return False
             if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
@@ -179,16 +162,15 @@ def _verified(spec: PartSpec, dest: Dest, record: dict[str, Any]) -> bool:
 
 def run_part(spec: PartSpec) -> tuple[dict[str, Any], bool]:
     """Build (or verify and keep) one part. Returns (part record, reused)."""
-    dest = Dest(spec.storage, spec.dst)
     try:
-        record = json.loads(dest.read(spec.record_name))
+        record = json.loads(spec.read(spec.record_name))
     except (FileNotFoundError, ValueError):
         record = None
-    if record is not None and _verified(spec, dest, record):
+    if record is not None and _verified(spec, record):
         _tick(len(spec.names))
         return record, True
 
-    writers = {r: _ShardWriter(spec, dest, r) for r in pyramid_resolutions(spec.resolution)}
+    writers = {r: _ShardWriter(spec, r) for r in pyramid_resolutions(spec.resolution)}
     bad: list[dict[str, str]] = []
     kept: list[str] = []                            # file of each stored image, in shard order
     upscaled: list[str] = []
@@ -222,7 +204,7 @@ def run_part(spec: PartSpec) -> tuple[dict[str, Any], bool]:
         "shards": {str(r): w.shards for r, w in writers.items()},
         "images": kept, "bad": bad, "upscaled": upscaled,
     }
-    dest.write(spec.record_name, json.dumps(record).encode())   # after the shards: a record means "part complete"
+    spec.write(spec.record_name, json.dumps(record).encode())   # after the shards: a record means "part complete"
     return record, False
 
 
