@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pggan.config import ConfigError, RunConfig, from_json, load_config, mbstd_group
+from pggan.config import ConfigError, RunConfig, from_json, load_config
+from pggan.models.mbstd import mbstd_group
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "service" / "launch.py")]

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from pggan.config import ConfigError, load_config, mbstd_group
+from pggan.config import ConfigError, load_config
+from pggan.models.mbstd import mbstd_group
 from pggan.models.layers import MinibatchStdDev
 from pggan.schedule import stages, total_nimg
 from pggan.training import ema_beta

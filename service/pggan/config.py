@@ -21,9 +21,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .models.mbstd import mbstd_group
+from .resolution import RESOLUTIONS, RULE, is_valid
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESET_NAMES = ("demo", "paper", "paper-8gpu")
-RESOLUTIONS = tuple(2**k for k in range(2, 11))  # 4 .. 1024
 
 # Keys that would carry credentials: refused anywhere in storage.options (they come from the environment).
 _SECRET_KEY_RE = re.compile(r"(secret|password|passwd|token|credential|^key$|access_key|session)", re.I)
@@ -35,8 +37,8 @@ class _Section(BaseModel):
 
 def _check_res_keys(d: dict[int, Any]) -> dict[int, Any]:
     for res in d:
-        if res not in RESOLUTIONS:
-            raise ValueError(f"resolution key {res} must be a power of two in 4..1024")
+        if not is_valid(res):
+            raise ValueError(f"resolution key {res} {RULE}")
     return d
 
 
@@ -102,8 +104,8 @@ class DataSection(_Section):
     @field_validator("resolution")
     @classmethod
     def _pow2(cls, v: int | None) -> int | None:
-        if v is not None and v not in RESOLUTIONS:
-            raise ValueError("must be a power of two in 4..1024")
+        if v is not None and not is_valid(v):
+            raise ValueError(RULE)
         return v
 
 
@@ -120,8 +122,8 @@ class ModelSection(_Section):
     @field_validator("max_resolution")
     @classmethod
     def _pow2(cls, v: int) -> int:
-        if v not in RESOLUTIONS:
-            raise ValueError("must be a power of two in 4..1024")
+        if not is_valid(v):
+            raise ValueError(RULE)
         return v
 
 
@@ -144,8 +146,8 @@ class ScheduleSection(_Section):
     @field_validator("start_resolution")
     @classmethod
     def _pow2(cls, v: int) -> int:
-        if v not in RESOLUTIONS:
-            raise ValueError("must be a power of two in 4..1024")
+        if not is_valid(v):
+            raise ValueError(RULE)
         return v
 
     @field_validator("fade_kimg_dict", "stable_kimg_dict", "lr_dict")
@@ -360,18 +362,6 @@ def _cross_checks(cfg: RunConfig) -> list[tuple[str, Any, str]]:
         if not _is_config_key(key):
             out.append((f"sweep.search_space.{key}", key, "not a config key"))
     return out
-
-
-def mbstd_group(group_size: int, per_worker_batch: int) -> int:
-    """Effective minibatch-stddev group: the largest divisor of the per-worker batch that is <= group_size.
-
-    The official TF code uses min(group_size, N) and needs N divisible by it; the paper's own minibatches
-    (14 at 256, 6 at 512) are not divisible by 4, so a group of 2 (resp. 3) is used there instead.
-    """
-    g = min(group_size, per_worker_batch)
-    while g > 1 and per_worker_batch % g:
-        g -= 1
-    return max(g, 1)
 
 
 def _is_config_key(dotted: str) -> bool:

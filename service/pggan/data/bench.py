@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..resolution import check as check_resolution
 from ..storage import Storage
 from .dataset import SYNTHETIC_PREFIX, open_dataset
-from .images import check_resolution
 
 
 def loader_throughput(source: str, storage: Storage, resolution: int, *, batch: int, images: int,

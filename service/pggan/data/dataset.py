@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..storage import Storage, explain_storage_error, join, normalize
-from .images import box_downsample, check_resolution, pyramid_resolutions
+from ..resolution import check as check_resolution, levels
+from .images import box_downsample
 from .loader import Loader
 from .order import CHUNK_BYTES, WINDOW_BYTES
 from .prepare import MANIFEST, prepare_dataset, read_manifest
@@ -92,7 +93,7 @@ class SyntheticDataset(Dataset):
     def __init__(self, num_images: int, resolution: int, seed: int = 0):
         self.source = f"{SYNTHETIC_PREFIX}shapes"
         self.num_images = int(num_images)
-        self.resolutions = pyramid_resolutions(resolution)
+        self.resolutions = levels(resolution)
         self.seed = int(seed)
 
     # Rendering is random access and images are i.i.d.: a full permutation (chunks of one image) costs

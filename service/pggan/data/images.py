@@ -18,25 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
+from ..resolution import MIN_RESOLUTION
 from ..storage import Storage, explain_storage_error, normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-MIN_RESOLUTION = 4
 
 
 class BadImage(Exception):
     """A source file that cannot be used; the message is the reason recorded in the manifest."""
-
-
-def check_resolution(resolution: int, what: str = "resolution") -> int:
-    if resolution not in tuple(2**k for k in range(2, 11)):
-        raise UserError(f"{what} {resolution} must be a power of two in 4..1024")
-    return int(resolution)
-
-
-def pyramid_resolutions(resolution: int) -> list[int]:
-    """[4, 8, ..., resolution]."""
-    return [2**k for k in range(2, int(resolution).bit_length())]
 
 
 # ---- the box pyramid ------------------------------------------------------------------------------

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..resolution import check as check_resolution, levels
 from ..storage import Storage, StorageUnavailable, explain_storage_error, join, normalize
-from .images import (BadImage, ImageSource, box_pyramid, check_resolution, decode_square, list_source,
-                     pyramid_resolutions)
+from .images import BadImage, ImageSource, box_pyramid, decode_square, list_source
 
 FORMAT = "pggan-prepared"
 VERSION = 1
@@ -147,7 +147,7 @@ def _verified(spec: PartSpec, record: dict[str, Any]) -> bool:
     """A finished part is kept only if its record matches this plan and every shard hashes as recorded."""
     if record.get("digest") != spec.digest():
         return False
-    if sorted(record.get("shards", {})) != sorted(str(r) for r in pyramid_resolutions(spec.resolution)):
+    if sorted(record.get("shards", {})) != sorted(str(r) for r in levels(spec.resolution)):
         return False
     for shards in record["shards"].values():
         for s in shards:
@@ -170,7 +170,7 @@ def run_part(spec: PartSpec) -> tuple[dict[str, Any], bool]:
         _tick(len(spec.names))
         return record, True
 
-    writers = {r: _ShardWriter(spec, r) for r in pyramid_resolutions(spec.resolution)}
+    writers = {r: _ShardWriter(spec, r) for r in levels(spec.resolution)}
     bad: list[dict[str, str]] = []
     kept: list[str] = []                            # file of each stored image, in shard order
     upscaled: list[str] = []
@@ -282,14 +282,14 @@ def prepare_dataset(src: str, dst: str, storage: Storage, resolution: int, *, up
         raise UserError(f"source {src}: none of the {len(names)} images could be used")
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "source": src, "resolution": resolution, "resolutions": pyramid_resolutions(resolution),
+        "source": src, "resolution": resolution, "resolutions": levels(resolution),
         "num_images": num_images, "num_files": len(names), "ignored_files": source.ignored,
         "layout": "uint8 [n, 3, res, res] RGB in .npy shards; 'offset' is the byte offset of the data",
         "transform": "EXIF orientation, RGB (alpha over white), center square crop, PIL Lanczos to the top "
                      "resolution; lower resolutions by 2x2 box averaging of the float32 image, np.rint per level",
         "upscale_small": upscale_small, "order_seed": ORDER_SEED, "part_size": psize,
         "shards": {str(r): [s for rec in records for s in rec["shards"][str(r)]]
-                   for r in pyramid_resolutions(resolution)},
+                   for r in levels(resolution)},
         "bad_files": bad, "upscaled_files": [n for r in records for n in r["upscaled"]],
         "created_unix": round(time.time(), 3),
     }

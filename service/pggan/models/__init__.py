@@ -1,29 +1,35 @@
-"""PG-GAN networks: equalized-lr layers (layers.py) and the full-size generator/discriminator (networks.py)."""
+"""PG-GAN networks: equalized-lr layers (layers.py), the full-size generator/discriminator (networks.py) and the
+minibatch-stddev group size (mbstd.py, no torch).
 
-from .layers import (
-    ConvDown2d,
-    EqualizedConv2d,
-    EqualizedLinear,
-    MinibatchStdDev,
-    PixelNorm,
-    UpConv2d,
-    downsample2x,
-    upsample2x,
-)
-from .networks import Discriminator, Generator, blend_reals, build_networks, num_channels
+The names below are imported on first use, so ``pggan.models.mbstd`` (which the config checks with) does not
+import torch.
+"""
 
-__all__ = [
-    "ConvDown2d",
-    "Discriminator",
-    "EqualizedConv2d",
-    "EqualizedLinear",
-    "Generator",
-    "MinibatchStdDev",
-    "PixelNorm",
-    "UpConv2d",
-    "blend_reals",
-    "build_networks",
-    "downsample2x",
-    "num_channels",
-    "upsample2x",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConvDown2d": "layers",
+    "EqualizedConv2d": "layers",
+    "EqualizedLinear": "layers",
+    "MinibatchStdDev": "layers",
+    "PixelNorm": "layers",
+    "UpConv2d": "layers",
+    "downsample2x": "layers",
+    "upsample2x": "layers",
+    "Discriminator": "networks",
+    "Generator": "networks",
+    "blend_reals": "networks",
+    "build_networks": "networks",
+    "num_channels": "networks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

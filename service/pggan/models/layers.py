@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import mbstd_group
+from .mbstd import mbstd_group
 
 SQRT2 = math.sqrt(2.0)
 LRELU_SLOPE = 0.2
@@ -314,7 +314,7 @@ class PixelNorm(nn.Module):
 class MinibatchStdDev(nn.Module):
     """Appends one feature map: the population stddev over a group of samples, averaged over C, H, W
     (paper section 3). Groups follow the official layout ``x.reshape(G, M, ...)``: sample n is in group
-    n % M, M = N / G. The group size is :func:`pggan.config.mbstd_group` (the largest divisor of the
+    n % M, M = N / G. The group size is :func:`pggan.models.mbstd.mbstd_group` (the largest divisor of the
     batch not above ``group_size``), so any per-worker batch works."""
 
     def __init__(self,

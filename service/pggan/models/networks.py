@@ -26,6 +26,7 @@ from .layers import (
     lrelu,
     upsample2x,
 )
+from ..resolution import RULE, is_valid, levels
 
 if TYPE_CHECKING:
     from ..config import ModelSection
@@ -46,13 +47,13 @@ def num_channels(res: int, fmap_base: int, fmap_max: int) -> int:
 
 
 def _resolutions(max_resolution: int) -> list[int]:
-    if max_resolution < 4 or max_resolution & (max_resolution - 1):
-        raise ValueError(f"max_resolution must be a power of two >= 4, got {max_resolution}")
-    return [2**k for k in range(2, int(math.log2(max_resolution)) + 1)]
+    if not is_valid(max_resolution):
+        raise ValueError(f"max_resolution {max_resolution} {RULE}")
+    return levels(max_resolution)
 
 
 def _check_res(res: int, max_resolution: int) -> None:
-    if res < 4 or res > max_resolution or res & (res - 1):
+    if not (is_valid(res) and res <= max_resolution):
         raise ValueError(f"resolution {res} is not a power of two in 4..{max_resolution}")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..config import EmaSection, LossSection, ModelSection, OptimSection
 from ..errors import UserError
+from ..resolution import check as check_resolution
 from .step import GanTrainer, StepOptions
 
 
@@ -137,9 +138,8 @@ def bench_step(args: argparse.Namespace) -> int:
                           fused_adam=False if args.no_fused_adam else None,
                           device_skip=False if args.host_sync else None)
     resolutions = args.resolution or [4, 8, 16, 32, 64]
-    bad = [r for r in resolutions if r not in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]
-    if bad:
-        raise UserError(f"--resolution {bad[0]}: must be a power of two in 4..1024")
+    for r in resolutions:
+        check_resolution(r, "--resolution")
     try:
         model = ModelSection(max_resolution=max(resolutions),
                              latent_size=args.latent_size,
