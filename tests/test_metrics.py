@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pggan.metrics import laplacian_pyramid, reconstruct, swd, wasserstein1
-from pggan.metrics.swd import directions, patch_positions, pyr_down, pyr_up, swd_levels
+from pggan.metrics.patches import directions, patch_positions
+from pggan.metrics.pyramid import pyr_down, pyr_up, swd_levels
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

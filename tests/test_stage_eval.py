@@ -115,7 +115,7 @@ def test_shares_with_shared_positions_reproduce_the_one_process_swd():
 def test_independent_positions_make_a_set_against_itself_nonzero_and_a_blurred_copy_larger():
     """Positions drawn per set (as the official code does): a set is no longer exactly 0 against itself, and the
     distance to a blurred copy is larger than that noise."""
-    from pggan.metrics.swd import pyr_down, pyr_up
+    from pggan.metrics.pyramid import pyr_down, pyr_up
 
     x = _images(64, 16, 3)
     blurred = pyr_up(pyr_down(torch.from_numpy(x).float())).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -10,12 +10,17 @@ Public API::
     ms_ssim(a, b) -> float64 [N] per pair;  ms_ssim_pairs(images, num_pairs=10000, seed=0) -> mean
 
 Images are uint8 [N, 3, R, R] (numpy or torch); SWD also takes iterables of such batches (streamed).
+SWD by idea: pyramid.py (Laplacian pyramid, levels), patches.py (neighbourhoods, directions), w1.py (1-D W1,
+bucketed), swd.py (descriptor sets, swd()), swd_floor.py (real-vs-real floor and its cache), swd_dist.py
+(the stage-end SWD spread over the training ranks).
 `launch.py evaluate` (evaluate.py) and `launch.py bench swd` (bench.py) are the command-line faces.
 """
 
 from .msssim import ms_ssim, ms_ssim_pairs
-from .swd import (cached_swd_noise_floor, describe, laplacian_pyramid, reconstruct, swd, swd_from_descriptors,
-                  swd_levels, swd_noise_floor, wasserstein1)
+from .pyramid import laplacian_pyramid, reconstruct, swd_levels
+from .swd import describe, swd, swd_from_descriptors
+from .swd_floor import cached_swd_noise_floor, swd_noise_floor
+from .w1 import wasserstein1
 
 __all__ = ["swd", "swd_noise_floor", "cached_swd_noise_floor", "swd_from_descriptors", "describe", "swd_levels",
            "laplacian_pyramid", "reconstruct", "wasserstein1", "ms_ssim", "ms_ssim_pairs"]
