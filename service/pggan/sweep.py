@@ -152,6 +152,26 @@ def finalize(cfg: RunConfig, trial: str, to: str, note: str, hub: Any = None, re
     return True
 
 
+class SweepControl:
+    """A tiny actor of the sweep's driver (wrapped with ray.remote in :func:`run_sweep`): trials poll it, and stop
+    (marking their run stopped) when the sweep is stopped or its driver is gone. A trial's own driver thread may
+    write run_state.json at any transition, so only the trial itself can mark its run stopped without a race: it
+    writes the state and ends its process (and with it the Train run it owns) at once."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+
+def control_name(cfg: RunConfig) -> str:
+    return f"pggan-sweep-{cfg.run.name}"
+
+
 class PgganTrial(tune.Trainable):
     """One Tune trial: a whole run (:func:`pggan.driver.run_training`) in a background thread.
 
@@ -162,7 +182,7 @@ class PgganTrial(tune.Trainable):
     first, so the scheduler sees every trial's whole curve after a resume.
     """
 
-    def setup(self, config: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    def setup(self, config: dict[str, Any], base: dict[str, Any] | None = None, control: str | None = None) -> None:
         spec = config["trial"]
         self.name: str = spec["name"]
         self.cfg = trial_config(base or {}, spec["params"], self.name)
@@ -175,6 +195,8 @@ class PgganTrial(tune.Trainable):
         self.last: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
         self.hub = get_hub(self.cfg.metrics.host, self.cfg.metrics.port)
+        self.control = ray.get_actor(control) if control else None
+        self.ended = threading.Event()
         storage, url = Storage.from_config(self.cfg.storage), run_url_of(self.cfg)
         state = RunState.load(storage, url) if storage.exists(join(url, RUN_STATE)) else None
         done_before = state is not None and state.state == "stopped" and state.message.startswith(SCHEDULER_NOTE)
@@ -192,7 +214,26 @@ class PgganTrial(tune.Trainable):
         except BaseException as e:  # noqa: BLE001 - handed to step()
             self.results.put(("error", e, False))
             return
+        finally:
+            self.ended.set()
         self.results.put(("end", code, False))
+
+    def _watch(self) -> None:
+        """Stop with the sweep: `ray job stop` on it (SweepControl.stop) or its driver gone."""
+        from ray.exceptions import GetTimeoutError
+
+        while not self.ended.wait(0.5):
+            try:
+                stopping = ray.get(self.control.is_stopping.remote(), timeout=10)
+            except GetTimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 - the control actor died with the sweep's driver
+                stopping = True
+            if stopping and not self.ended.is_set():
+                try:
+                    finalize(self.cfg, self.name, "stopped", SWEEP_STOP_NOTE, self.hub, wait=False)
+                finally:
+                    os._exit(0)  # at once: the run's driver thread must not write another state
 
     def _on_stage_end(self, record: dict[str, Any]) -> None:
         if not record.get("swd") or record["nimg"] in self.seen:
@@ -211,6 +252,8 @@ class PgganTrial(tune.Trainable):
             if kind == "start":  # the replay is over: train (or find the run complete)
                 self.thread = threading.Thread(target=self._run, name=f"pggan-trial-{self.name}", daemon=True)
                 self.thread.start()
+                if self.control is not None:
+                    threading.Thread(target=self._watch, name=f"pggan-watch-{self.name}", daemon=True).start()
                 continue
             if kind == "result":
                 self.held, self.replayed = from_run, not from_run
@@ -382,19 +425,34 @@ def _record_trials(cfg: RunConfig, trials: list[dict[str, Any]]) -> None:
     storage.write_json(url, {"sweep": cfg.run.name, "trials": listed})
 
 
-def _stop_handler(cfg: RunConfig, trials: list[dict[str, Any]], hub: Any) -> None:
-    """SIGTERM (`ray job stop`, Kubernetes): every running trial is marked stopped, then the process ends (its
-    trial actors and their Train workers with it). Ctrl-C is Tune's: it stops the trials, whose cleanup marks them."""
+def _stop_handler(cfg: RunConfig, trials: list[dict[str, Any]], hub: Any, control: Any) -> None:
+    """SIGTERM (`ray job stop` allows 3 s before its SIGKILL; Kubernetes): the running trials mark themselves
+    stopped and end (see :class:`SweepControl`); one that has not within 2 s is marked here. Then the process
+    ends. Ctrl-C is Tune's: it stops the trials, whose cleanup marks them."""
     base = cfg.to_json()
+    cfgs = [(trial_config(base, t["params"], t["name"]), t["name"]) for t in trials]
+
+    def running() -> list[tuple[RunConfig, str]]:
+        out = []
+        for c, name in cfgs:
+            storage, url = Storage.from_config(c.storage), run_url_of(c)
+            if storage.exists(join(url, RUN_STATE)) and RunState.load(storage, url).state not in TERMINAL:
+                out.append((c, name))
+        return out
 
     def handler(signum: int, frame: Any) -> None:
-        n = 0
-        for t in trials:
+        control.stop.remote()
+        deadline = time.monotonic() + 2.0
+        left = running()
+        n = len(left)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = running()
+        for c, name in left:
             try:
-                n += finalize(trial_config(base, t["params"], t["name"]), t["name"], "stopped", SWEEP_STOP_NOTE, hub,
-                              wait=False)
+                finalize(c, name, "stopped", SWEEP_STOP_NOTE, hub, wait=False)
             except Exception as e:  # noqa: BLE001 - the others still get theirs
-                print(f"warning: could not mark {t['name']} stopped ({type(e).__name__}: {e})", file=sys.stderr)
+                print(f"warning: could not mark {name} stopped ({type(e).__name__}: {e})", file=sys.stderr)
         say(f"sweep stopped ({n} running trial(s) marked stopped); run the same command again to resume")
         sys.stdout.flush()
         os._exit(130)
@@ -417,7 +475,10 @@ def run_sweep(cfg: RunConfig, address: str | None = None) -> int:
         f"{cfg.sweep.scheduler}; results in {sweep_url_of(cfg)}")
     for t in trials:
         say(f"  {t['name']}: {json.dumps(t['params'], sort_keys=True)}")
-    _stop_handler(cfg, trials, hub)
+    control = ray.remote(num_cpus=0, max_restarts=0)(SweepControl).options(
+        name=control_name(cfg), get_if_exists=True).remote()
+    ray.get(control.is_stopping.remote())
+    _stop_handler(cfg, trials, hub, control)
 
     scheduler = None
     if cfg.sweep.scheduler == "asha":
@@ -428,7 +489,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None) -> int:
         scheduler = ASHAScheduler(time_attr="nimg", grace_period=ends[0], max_t=ends[-1],
                                   reduction_factor=cfg.sweep.reduction_factor)
     # A trial's own actor holds no CPU: the CPUs belong to its Train workers (else small clusters deadlock).
-    trainable = tune.with_resources(tune.with_parameters(PgganTrial, base=cfg.to_json()),
+    trainable = tune.with_resources(tune.with_parameters(PgganTrial, base=cfg.to_json(), control=control_name(cfg)),
                                     {"cpu": 0, "memory": 64 * 1024 * 1024})
     local = os.path.join(os.path.expanduser("~"), "ray_results", "pggan-sweeps")
     tuner = tune.Tuner(
