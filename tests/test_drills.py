@@ -29,6 +29,7 @@ from conftest import FAKE_SECRET, free_port
 from drill_support import (Driver, MetricsPoller, RunDir, TcpProxy, alive_actors, driver_cmd, job_id_of,
                            last_logged_nimg, live_placement_groups, s3fs_for, submit_cmd, train_worker_pids,
                            wait_until)
+from tiny import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,34 +37,22 @@ FIGURES_DIR = Path("/tmp/drills")
 
 # A tiny network and one 4x4 stage of 4096 images: 300-600 images/s on two CPU workers, so a stage trains for
 # 7-15 s, long enough to kill something in the middle of it.
-TINY: dict[str, Any] = {
-    "preset": "demo",
-    "run": {"name": "drill", "seed": 3},
-    "data": {"source": "synthetic:shapes", "synthetic_images": 256},
-    "model": {"max_resolution": 4, "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "mbstd_group_size": 4},
-    "schedule": {"start_resolution": 4, "fade_kimg": 0.512, "stable_kimg": 4.096, "fade_kimg_dict": {},
-                 "stable_kimg_dict": {}, "minibatch_base": 16, "minibatch_dict": {}, "lr_base": 0.002},
-    "cluster": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1, "start_timeout_s": 90},
+TINY: dict[str, Any] = tiny_config({
+    "run": {"name": "drill"},
+    "model": {"max_resolution": 4},
+    "schedule": {"fade_kimg": 0.512, "stable_kimg": 4.096},
+    "cluster": {"start_timeout_s": 90},
     "checkpoint": {"every_kimg": 0.512, "keep": 3},
-    "metrics": {"tick_kimg": 0.128, "tick_kimg_dict": {}, "swd_images": 0, "port": 0, "host": "127.0.0.1",
-                "grid_size": 2},
-    "ema": {"half_life_kimg": 0.1, "rampup": None},
-}
+    "metrics": {"tick_kimg": 0.128, "tick_kimg_dict": {}, "swd_images": 0, "host": "127.0.0.1", "grid_size": 2},
+})
 CKPT = 512  # checkpoint.every_kimg in images
 TICK = 128  # metrics.tick_kimg in images
 RUN_TIMEOUT = 420  # generous bound on one driver life on a loaded 2-core machine
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(base))
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def tiny(name: str, endpoint: str, bucket: str, **over: Any) -> dict[str, Any]:
-    base = _merge(TINY, {"run": {"name": name}, "storage": {"url": f"s3://{bucket}/runs", "endpoint_url": endpoint}})
-    return _merge(base, over)
+    return tiny_config(TINY, {"run": {"name": name}, "storage": {"url": f"s3://{bucket}/runs", "endpoint_url": endpoint}},
+                       over)
 
 
 def schedule_total(cfg: dict[str, Any]) -> int:
@@ -475,14 +464,8 @@ def test_s3_outage_of_30s_during_a_checkpoint_is_retried_counted_and_the_run_com
            retry_gaps_s=gaps)
 
 
-@pytest.fixture(scope="module")
-def storage_down_run(ray_cluster, s3_server, tmp_path_factory):
-    """Drill 4b's run directory, kept for drill 5 (which corrupts it and restarts): a dict filled by drill 4b."""
-    return {}
-
-
 def test_storage_down_past_the_retry_budget_stops_the_run_cleanly_and_nothing_half_written_counts(
-        ray_cluster, s3_bucket, tmp_path, lives, figures, storage_down_run):
+        ray_cluster, s3_bucket, tmp_path, lives, figures):
     endpoint, bucket = s3_bucket
     proxy = TcpProxy.to_url(endpoint)
     # max_failures 0: with restarts, each new worker group waits the retry budget again at its restore.
@@ -515,7 +498,6 @@ def test_storage_down_past_the_retry_budget_stops_the_run_cleanly_and_nothing_ha
     assert load_latest(run.storage(), run.url).nimg == committed[-1]
     half_written = run.uncommitted()  # if the cut fell between state.pt and meta.json: present, never loaded
     assert all(n > committed[-1] for n in half_written)
-    storage_down_run.update(endpoint=endpoint, bucket=bucket, cfg=cfg, run=run, committed=committed)
     record(figures, "4b-storage-down", passed=True, cut_to_exit_s=round(t_end - t_cut, 1), committed=committed,
            error_line=errors[0], output_lines=len(out.splitlines()), uncommitted_left=half_written,
            forwarded_worker_tracebacks=out.count("Traceback (most recent call last)"))
@@ -535,18 +517,35 @@ class _Pwn:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _killed_mid_stage(ray_cluster, s3_bucket, tmp_path, lives, name: str, checkpoints: int,
+                      **over: Any) -> tuple[dict[str, Any], RunDir]:
+    """A run whose driver was SIGKILLed mid-stage after ``checkpoints`` committed checkpoints, its workers gone:
+    (config, run directory). What a drill that restarts a broken run starts from, set up by the drill itself."""
+    endpoint, bucket = s3_bucket
+    cfg = tiny(name, endpoint, bucket, **over)
+    run = RunDir(endpoint, bucket, name)
+    life = lives(driver_cmd(write_cfg(tmp_path, cfg, f"{name}-setup.yaml"), ray_cluster["address"]), label="setup")
+    wait_mid_stage(run, None, life, after_ckpts=checkpoints, timeout=300)
+    job = job_id_of(ray_cluster["dashboard"], driver_pid=life.pid)
+    os.kill(life.pid, signal.SIGKILL)
+    assert life.wait(timeout=30) == -signal.SIGKILL
+    wait_until(lambda: not alive_actors(ray_cluster["dashboard"], job, "RayTrainWorker"), 60,
+               "the killed driver's workers gone")  # until then rank 0 may still commit a checkpoint
+    return cfg, run
+
+
 def test_broken_newest_checkpoints_are_skipped_with_a_message_and_a_tampered_pickle_is_refused(
-        ray_cluster, tmp_path, lives, figures, storage_down_run):
-    if not storage_down_run:
-        pytest.fail("needs the run directory left by the storage-down drill (run the module, not this test alone)")
+        ray_cluster, s3_bucket, tmp_path, lives, figures):
     import hashlib
 
     import torch
 
     from pggan.checkpoint.store import CheckpointError, load_checkpoint_at
 
-    run: RunDir = storage_down_run["run"]
-    c = storage_down_run["committed"][-4:]
+    cfg, run = _killed_mid_stage(ray_cluster, s3_bucket, tmp_path, lives, "broken", checkpoints=4,
+                                 checkpoint={"keep": 4}, schedule={"stable_kimg": 6.144})
+    c = run.committed()[-4:]
+    assert len(c) == 4
     good, deleted, truncated, tampered = c
     marker = tmp_path / "pwned"
     # The newest: a checksum-consistent pickle that would run code when unpickled.
@@ -566,7 +565,6 @@ def test_broken_newest_checkpoints_are_skipped_with_a_message_and_a_tampered_pic
         load_checkpoint_at(run.storage(), run.url, tampered)
     assert not marker.exists()
 
-    cfg = _merge(storage_down_run["cfg"], {"storage": {"endpoint_url": run.endpoint}})  # storage is back
     life = lives(driver_cmd(write_cfg(tmp_path, cfg), ray_cluster["address"]))
     rc = life.wait(timeout=RUN_TIMEOUT)
     out = life.text()
@@ -581,7 +579,7 @@ def test_broken_newest_checkpoints_are_skipped_with_a_message_and_a_tampered_pic
     assert resumed == [good]
     state = run.run_state()
     assert state["state"] == "completed" and state["nimg"] == state["total_nimg"]
-    assert any("driver restarted" in h["note"] for h in state["history"])  # the failed life could not record
+    assert any("driver restarted" in h["note"] for h in state["history"])  # the killed life could not record
     record(figures, "5-broken-checkpoints", passed=True, resumed_from=good, skipped=[tampered, truncated, deleted])
 
 

@@ -15,21 +15,11 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from tiny import tiny_config
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "preset": "demo",
-    "run": {"name": "e2e", "seed": 3},
-    "data": {"source": "synthetic:shapes", "synthetic_images": 256},
-    "model": {"max_resolution": 16, "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "mbstd_group_size": 4},
-    "schedule": {"start_resolution": 4, "fade_kimg": 0.128, "stable_kimg": 0.128, "fade_kimg_dict": {},
-                 "stable_kimg_dict": {}, "minibatch_base": 16, "minibatch_dict": {}, "lr_base": 0.002},
-    "cluster": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1, "start_timeout_s": 60},
-    "checkpoint": {"every_kimg": 0.064, "keep": 2},
-    "metrics": {"tick_kimg": 0.064, "swd_images": 64, "port": 0, "grid_size": 4},
-    "ema": {"half_life_kimg": 0.1, "rampup": None},
-}
+TINY = tiny_config({"run": {"name": "e2e"}})
 
 
 def _submit(cluster: dict, cfg_file: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -48,7 +38,7 @@ def _fs(endpoint: str):
 def test_ray_job_submit_trains_every_stage_on_s3_then_is_complete_then_resumes_a_larger_total(
         ray_cluster, s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
-    cfg = json.loads(json.dumps(TINY))
+    cfg = tiny_config(TINY)
     cfg["storage"] = {"url": f"s3://{bucket}/runs", "endpoint_url": endpoint}
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
@@ -115,7 +105,7 @@ def test_ctrl_c_on_a_local_run_marks_it_stopped_and_leaves_no_ray_process(tmp_pa
     import signal
     import time
 
-    cfg = json.loads(json.dumps(TINY))
+    cfg = tiny_config(TINY)
     cfg["run"]["name"] = "ctrl-c"
     cfg["storage"] = {"url": str(tmp_path / "runs")}
     cfg["schedule"]["stable_kimg_dict"] = {4: 50}          # long enough to be interrupted mid-stage
