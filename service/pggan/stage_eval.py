@@ -182,16 +182,22 @@ class StageEvaluator:
         cache = join(self.run_url, "swd_reals", f"{resolution}px-{self._key(resolution, stream)}")
         return swd_dist.cached_share(self.storage, cache, ranges, resolution, device=self.device, dtype=dtype,
                                      seed=swd_dist.set_seed(self.seed, stream), images_of=images_of,
-                                     spill_dir=self.spill)
+                                     batch=_eval_batch(resolution), spill_dir=self.spill)
 
     def _fakes(self, G: torch.nn.Module, resolution: int, alpha: float, ranges: list[tuple[int, int]]):
-        batch = max(4, min(64, 2**22 // (resolution * resolution)))  # 64 up to 256x256, 4 at 1024x1024
+        batch = _eval_batch(resolution)
         z_all = latents(self.n, self.cfg.model.latent_size, self.seed + 2)  # the same latents at every stage
         for a, b in ranges:
             for i in range(a, b, batch):
                 with torch.no_grad():
                     x = G(z_all[i:min(b, i + batch)].to(self.device), resolution, alpha)
                 yield i, torch.from_numpy(to_uint8(x))
+
+
+def _eval_batch(resolution: int) -> int:
+    """Images per evaluation batch: 64 up to 256x256, 4 at 1024x1024 (a float pyramid of 64 images at 1024x1024
+    with its temporaries would be about 2 GiB)."""
+    return max(4, min(64, 2**22 // (resolution * resolution)))
 
 
 def _sample_indices(num_images: int, n: int, seed: int) -> np.ndarray:
