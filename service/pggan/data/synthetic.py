@@ -68,6 +68,27 @@ def render_shapes(seed: int, indices: np.ndarray, resolution: int) -> np.ndarray
     return out
 
 
+def _signed_distance(kind: np.ndarray, dx: np.ndarray, dy: np.ndarray, rad: np.ndarray, rot: np.ndarray,
+                     R: int) -> np.ndarray:
+    """Signed distance (image units) of every pixel to each image's shape: circle, square or triangle by kind."""
+    d = np.empty((len(kind), R, R), dtype=np.float32)
+    for k in range(3):
+        sel = kind == k
+        if not sel.any():
+            continue
+        sx, sy, r, th = dx[sel], dy[sel], rad[sel][:, None, None], rot[sel][:, None, None]
+        if k == 0:
+            d[sel] = np.sqrt(sx * sx + sy * sy) - r
+        elif k == 1:
+            qx = sx * np.cos(th) + sy * np.sin(th)
+            qy = -sx * np.sin(th) + sy * np.cos(th)
+            d[sel] = np.maximum(np.abs(qx), np.abs(qy)) - r
+        else:   # equilateral triangle: the furthest of its three edge half-planes
+            e = [sx * np.cos(th + a) + sy * np.sin(th + a) for a in (0.0, 2 * np.pi / 3, 4 * np.pi / 3)]
+            d[sel] = np.maximum(np.maximum(e[0], e[1]), e[2]) - 0.6 * r
+    return d
+
+
 def _render_block(seed: int, idx: np.ndarray, R: int) -> np.ndarray:
     b = len(idx)
     u = uniforms(seed, idx, _N_UNIFORMS).astype(np.float32)                             # [b, K]
@@ -100,21 +121,7 @@ def _render_block(seed: int, idx: np.ndarray, R: int) -> np.ndarray:
         rot = 2 * np.pi * p[:, 4]
         dx = xx - cx[:, None, None]                                                      # [b, 1, R]
         dy = yy - cy[:, None, None]                                                      # [b, R, 1]
-        d = np.empty((b, R, R), dtype=np.float32)                                        # signed distance, image units
-        for k in range(3):
-            sel = kind == k
-            if not sel.any():
-                continue
-            sx, sy, r, th = dx[sel], dy[sel], rad[sel][:, None, None], rot[sel][:, None, None]
-            if k == 0:
-                d[sel] = np.sqrt(sx * sx + sy * sy) - r
-            elif k == 1:
-                qx = sx * np.cos(th) + sy * np.sin(th)
-                qy = -sx * np.sin(th) + sy * np.cos(th)
-                d[sel] = np.maximum(np.abs(qx), np.abs(qy)) - r
-            else:   # equilateral triangle: the furthest of its three edge half-planes
-                e = [sx * np.cos(th + a) + sy * np.sin(th + a) for a in (0.0, 2 * np.pi / 3, 4 * np.pi / 3)]
-                d[sel] = np.maximum(np.maximum(e[0], e[1]), e[2]) - 0.6 * r
+        d = _signed_distance(kind, dx, dy, rad, rot, R)                                 # [b, R, R]
         cover = np.clip(0.5 - d * R, 0.0, 1.0)[:, None]                                 # [b, 1, R, R], 1-px AA edge
         cover[j >= n_shapes] = 0.0
         fill = np.broadcast_to(colours[:, j, :, None, None], (b, 3, R, R)).copy()       # [b, 3, R, R]

@@ -53,17 +53,9 @@ def count_step_flops(trainer: GanTrainer, reals: torch.Tensor, res: int) -> int:
     return int(counter.get_total_flops())
 
 
-def run_step_bench(res: int,
-                   batch: int,
-                   model: ModelSection,
-                   loss: LossSection,
-                   options: StepOptions,
-                   device: str = "cpu",
-                   steps: int = 10,
-                   warmup: int = 3,
-                   scale_mode: str = "operand",
-                   count_flops: bool = True,
-                   ) -> dict[str, Any]:
+def run_step_bench(res: int, batch: int, model: ModelSection, loss: LossSection, options: StepOptions,
+                   device: str = "cpu", steps: int = 10, warmup: int = 3, scale_mode: str = "operand",
+                   count_flops: bool = True) -> dict[str, Any]:
     """Time ``steps`` training steps at ``res`` after ``warmup`` untimed ones; returns one result record."""
     dev = torch.device(device)
     model = model.model_copy(update={"max_resolution": res})
@@ -85,9 +77,7 @@ def run_step_bench(res: int,
     sec = statistics.median(times)
     flops = count_step_flops(trainer, reals, res) if count_flops else 0
     return {
-        "bench": "step",
-        "resolution": res,
-        "batch": batch,
+        "bench": "step", "resolution": res, "batch": batch,
         "img_per_s": round(batch / sec, 3),
         "ms_per_step": round(sec * 1e3, 3),
         "ms_per_step_best": round(min(times) * 1e3, 3),
@@ -107,12 +97,8 @@ def run_step_bench(res: int,
         "one_d_pass": options.one_d_pass,
         "fused_adam": options.fused_adam is not False,
         "loss": loss.kind,
-        "fmap_base": model.fmap_base,
-        "fmap_max": model.fmap_max,
-        "latent_size": model.latent_size,
-        "mbstd_group_size": model.mbstd_group_size,
-        "steps": steps,
-        "warmup": warmup,
+        "fmap_base": model.fmap_base, "fmap_max": model.fmap_max, "latent_size": model.latent_size,
+        "mbstd_group_size": model.mbstd_group_size, "steps": steps, "warmup": warmup,
         "device_skip": trainer._skip_on_device,
         "loss_D": float(out["loss_D"]),
         "nonfinite": float(out["nonfinite"]),
