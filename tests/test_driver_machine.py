@@ -11,7 +11,7 @@ import pytest
 from pggan.config import load_config
 from pggan.driver import StageMachine
 from pggan.history import append_records, read_records
-from pggan.hub import ReportRelay, TelemetryHub
+from pggan.hub import ReportRelay, RestartWatch, TelemetryHub, WorkersUnplaceable
 from pggan.records import combine_ranks, stage_seconds, tick_record
 from pggan.run_state import RunState
 from pggan.schedule import stages
@@ -102,14 +102,51 @@ def test_a_fatal_report_is_kept_for_the_failure_message(setup):
 
 
 def test_worker_restarts_and_checkpoint_retries_reach_the_hub(setup):
+    from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
+
     cfg, storage, run_url, state, hub, machine, relay, seen = setup
     s0 = stages(cfg)[0]
-    relay.after_exception(None, {0: RuntimeError("lost")})
+    lost = _worker_group_error()
+    RestartWatch(hub, cfg.run.name, None).after_controller_state_update(RunningState(), RestartingState(lost))
+    relay.after_exception(None, {0: RuntimeError("lost")})  # seen on every poll: counts nothing
     relay.after_report(None, [_tick(s0, 16) | {"checkpoint_retries": 2}], None)
     machine.begin_training(s0, 0)
-    assert state.worker_restarts == 1
+    assert state.worker_restarts == 1 and state.preemptions == 0
     assert _gauge(hub, "pggan_worker_restarts_total") == 1
+    assert _gauge(hub, "pggan_preemptions_total") == 0
     assert _gauge(hub, "pggan_checkpoint_failures_total") == 2
+
+
+def _worker_group_error():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    return WorkerGroupError("rank 1 died", {1: RuntimeError("lost")})
+
+
+def test_restarts_are_counted_by_cause_and_a_placement_timeout_is_made_final(setup):
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.controller.state import (ErroredState, PreemptingState, ReschedulingState,
+                                                                   RestartingState, RunningState, SchedulingState)
+    from ray.train.v2.api.exceptions import ControllerError, PreemptionError
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    cfg, storage, run_url, state, hub, machine, relay, seen = setup
+    watch = RestartWatch(hub, cfg.run.name, None)
+    info = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"n1": [1]})
+    watch.after_controller_state_update(RunningState(), PreemptingState(info, 0.0))  # a notice: no restart yet
+    watch.after_controller_state_update(PreemptingState(info, 0.0), RestartingState(PreemptionError(info)))
+    start_failed = ControllerError(WorkerGroupStartupFailedError("a worker died while the group started"))
+    watch.after_controller_state_update(SchedulingState(None), ReschedulingState(start_failed))
+    watch.after_controller_state_update(RunningState(), ErroredState(_worker_group_error()))  # final: no retry
+    assert hub.get_restarts(cfg.run.name, None) == 1 and hub.get_preemptions(cfg.run.name, None) == 1
+    with pytest.raises(WorkersUnplaceable):
+        timeout = ControllerError(WorkerGroupStartupTimeoutError(2))
+        watch.after_controller_state_update(SchedulingState(None), ReschedulingState(timeout))
+    assert hub.get_restarts(cfg.run.name, None) == 1
+    machine.begin_training(stages(cfg)[0], 0)
+    assert (state.worker_restarts, state.preemptions) == (1, 1)
+    assert RunState.load(storage, run_url).preemptions == 1
+    assert _gauge(hub, "pggan_preemptions_total") == 1
 
 
 def test_combine_ranks_averages_finite_losses_only():

@@ -12,6 +12,8 @@ from typing import Any
 
 import ray  # 1. Ray core: the hub actor
 from ray.train import UserCallback  # 2. Ray Train: controller-side callback
+# 3. Ray Train (DeveloperAPI): the controller's state transitions, the one place that sees every restart with its cause
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from .records import combine_ranks
 from .telemetry import Exporter, Telemetry
@@ -34,6 +36,7 @@ class TelemetryHub:
         self.queue: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         self.latest: dict[tuple[str, str | None], dict[str, Any]] = {}
         self.restarts: dict[tuple[str, str | None], int] = {}
+        self.preemptions: dict[tuple[str, str | None], int] = {}
         self.retries_seen: dict[tuple[str, str | None], int] = {}
 
     def _t(self, run: str, trial: str | None) -> Telemetry:
@@ -76,6 +79,10 @@ class TelemetryHub:
         self._t(run, trial).on_worker_restart(n)
         self.restarts[(run, trial)] = self.restarts.get((run, trial), 0) + n
 
+    def on_preemption(self, run: str, trial: str | None, n: int = 1) -> None:
+        self._t(run, trial).on_preemption(n)
+        self.preemptions[(run, trial)] = self.preemptions.get((run, trial), 0) + n
+
     def drain(self, run: str, trial: str | None) -> list[dict[str, Any]]:
         """The reports received since the last drain, oldest first."""
         return self.queue.pop((run, trial), [])
@@ -85,6 +92,9 @@ class TelemetryHub:
 
     def get_restarts(self, run: str, trial: str | None) -> int:
         return self.restarts.get((run, trial), 0)
+
+    def get_preemptions(self, run: str, trial: str | None) -> int:
+        return self.preemptions.get((run, trial), 0)
 
 
 def call(hub: Any, method: str, *args: Any) -> Any:
@@ -112,9 +122,60 @@ class ReportRelay(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics:
+            report = combine_ranks(metrics)
+            if isinstance(report.get("record"), dict) and "nodes" in report["record"]:
+                # Every rank evaluates its share: the evaluation record names every rank's node, not rank 0's only.
+                report["record"] = {**report["record"], "nodes": report["nodes"]}
             fn = self.hub.on_report
-            (fn.remote if hasattr(fn, "remote") else fn)(self.run, self.trial, combine_ranks(metrics))
+            (fn.remote if hasattr(fn, "remote") else fn)(self.run, self.trial, report)
 
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        fn = self.hub.on_worker_restart
+    # Restarts are counted by RestartWatch: after_exception runs on every poll that sees a dead worker (again and
+    # again while a preempted node drains) and never for a worker that dies while the group starts.
+
+
+class WorkersUnplaceable(RuntimeError):
+    """The cluster could not place the worker group within cluster.start_timeout_s. Not retried: unlike a
+    worker that dies while the group starts, waiting longer does not help (the driver's message says what does)."""
+
+
+class RestartWatch(ControllerCallback):
+    """Runs in the Train controller: counts every worker-group restart by its cause, and makes a placement timeout
+    final.
+
+    Ray Train restarts the group from three kinds of failure, each with its own budget (FailureConfig):
+    a worker lost while training or evaluating (WorkerGroupError: max_failures), a worker lost while the group
+    starts (ControllerError(WorkerGroupStartupFailedError): controller_failure_limit) and a preempted node
+    (PreemptionError: max_preemption_failures). Each retry is a transition into RestartingState or
+    ReschedulingState carrying the error, so counting here covers every moment once. A placement timeout
+    (WorkerGroupStartupTimeoutError) is retryable in Ray's policy too; raising here turns it into a
+    non-retryable controller error, so a cluster that cannot place the workers fails after start_timeout_s
+    instead of retrying it controller_failure_limit times."""
+
+    def __init__(self, hub: Any, run: str, trial: str | None):
+        self.hub, self.run, self.trial = hub, run, trial
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        error = getattr(current_state, "training_failed_error", None)
+        if error is None or type(current_state).__name__ not in ("RestartingState", "ReschedulingState"):
+            return
+        cause = restart_cause(error)
+        if cause == "unplaceable":
+            raise WorkersUnplaceable(str(getattr(error, "controller_failure", error)))
+        fn = getattr(self.hub, "on_preemption" if cause == "preemption" else "on_worker_restart")
         (fn.remote if hasattr(fn, "remote") else fn)(self.run, self.trial, 1)
+
+
+def restart_cause(error: BaseException) -> str:
+    """"preemption", "unplaceable" or "failure" for the error Ray Train is about to retry."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError, PreemptionError
+
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError):
+        return "unplaceable"
+    try:  # Ray's own test, so the count agrees with the budget Ray charges (max_preemption_failures)
+        from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+
+        preempted = _is_preemption_failure(error)
+    except ImportError:  # pragma: no cover - Ray moved it
+        preempted = isinstance(error, PreemptionError)
+    return "preemption" if preempted else "failure"

@@ -46,6 +46,7 @@ class RunState:
     nimg: int = 0
     total_nimg: int = 0
     worker_restarts: int = 0
+    preemptions: int = 0      # worker-group restarts after a node preemption, apart from failures
     nonfinite_steps: int = 0
     message: str = ""
     lives: list[dict[str, Any]] = field(default_factory=list)
@@ -66,6 +67,7 @@ class RunState:
     def to_dict(self) -> dict[str, Any]:
         return {"state": self.state, "stage_index": self.stage_index, "stage": self.stage, "nimg": self.nimg,
                 "total_nimg": self.total_nimg, "worker_restarts": self.worker_restarts,
+                "preemptions": self.preemptions,
                 "nonfinite_steps": self.nonfinite_steps, "message": self.message, "lives": self.lives,
                 "history": self.history}
 

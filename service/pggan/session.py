@@ -14,7 +14,7 @@ import ray.train  # 2. Ray Train: ScalingConfig, RunConfig, FailureConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from .config import RunConfig
-from .hub import ReportRelay
+from .hub import ReportRelay, RestartWatch
 from .storage import join
 from .worker import run_job, train_run
 
@@ -32,7 +32,9 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
            # report() waits for the controller's poll (default every 2 s); ticks of a few seconds need less.
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
            # Ray Train tees print() into its logger, which doubles every progress line on the console.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           # How soon the controller sees a node's preemption notice (Ray's default 5 s of a 30-120 s notice).
+           "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")}
     os.environ.update(env)  # a local cluster started here inherits it
     runtime_env: dict[str, Any] = {"env_vars": env}
     if not _installed():
@@ -127,12 +129,15 @@ def make_trainer(cfg: RunConfig, run_url: str, data_url: str, hub: Any, trial: s
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=ray_storage,
-            # Worker failures (a lost worker or node) restart the group from the newest checkpoint up to
-            # max_failures times; a worker group that fails to start (a worker died while it was placed) is
-            # retried as often. A group that cannot be placed at all times out after start_timeout_s.
+            # A lost worker or node restarts the group from the newest checkpoint, wherever it happens: up to
+            # max_failures times while training or evaluating, as often again while the group starts (a worker
+            # lost while placed). A preempted node (a drain notice: spot reclaim) is retried without limit and
+            # does not use up max_failures. A group that cannot be placed at all fails after start_timeout_s:
+            # RestartWatch makes that timeout final. RestartWatch counts each restart by its cause.
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures,
-                                                   controller_failure_limit=max(c.max_failures, 0)),
-            callbacks=[ReportRelay(hub, cfg.run.name, trial)],
+                                                   controller_failure_limit=c.max_failures,
+                                                   max_preemption_failures=-1),
+            callbacks=[ReportRelay(hub, cfg.run.name, trial), RestartWatch(hub, cfg.run.name, trial)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # no per-report INFO lines
         ),
     )

@@ -1,10 +1,11 @@
-"""Prometheus metrics of training runs, exported from one place per process (the driver on the head node).
+"""Prometheus metrics of training runs, exported from one place per cluster (the telemetry hub on the head node).
 
 Two objects:
 
 - :class:`Exporter` owns one ``prometheus_client.CollectorRegistry`` and, when asked, one HTTP server that
-  serves ``/metrics`` from it. One per process: a sweep creates one and hands it to every trial.
-- :class:`Telemetry` holds the metric values of one run (or one Tune trial of a run) and is what the driver
+  serves ``/metrics`` from it. Under Ray its owner is the :class:`pggan.hub.TelemetryHub` actor, fed by a Ray
+  Train ``UserCallback`` (:class:`pggan.hub.ReportRelay`); Tune trials share it through the ``trial`` label.
+- :class:`Telemetry` holds the metric values of one run (or one Tune trial of a run) and is what the hub
   calls: ``set_state``, ``on_tick``, ``on_checkpoint``, ``on_swd``, ``on_worker_restart``. Its series carry a
   ``run`` label, plus ``trial`` when one is given. Without an exporter it makes a private one.
 
@@ -32,7 +33,8 @@ from prometheus_client.exposition import start_http_server as _prom_start_http_s
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-STATES = ("pending", "training", "evaluating", "completed", "failed", "stopped")
+from .run_state import STATES
+
 
 # Buckets of pggan_checkpoint_duration_seconds: a small model on local disk takes well under a second, a
 # 1024x1024 train state (G, D, G_ema, two Adams: a few GB) to S3 takes minutes.
@@ -58,9 +60,16 @@ METRICS: dict[str, tuple[str, str]] = {
     "pggan_nonfinite_steps_total": ("counter", "Training steps skipped because a loss or gradient was not finite."),
 }
 
+# Exported beyond the DESIGN.md contract above (which tests keep METRICS equal to): spot preemptions are
+# counted apart from failures, so a preempted node neither reads as a fault nor fires the restart alerts.
+EXTRA_METRICS: dict[str, tuple[str, str]] = {
+    "pggan_preemptions_total": ("counter", "Worker-group restarts after a node preemption (spot reclaim, drain); "
+                                           "not failures: they do not use up cluster.max_failures."),
+}
+
 # Exposed series names, including the histogram's _bucket/_sum/_count: what a PromQL query may refer to.
 SERIES_NAMES: frozenset[str] = frozenset(
-    [n for n, (t, _) in METRICS.items() if t != "histogram"]
+    [n for n, (t, _) in {**METRICS, **EXTRA_METRICS}.items() if t != "histogram"]
     + [f"{n}{s}" for n, (t, _) in METRICS.items() if t == "histogram" for s in ("_bucket", "_sum", "_count")])
 
 TICK_KEYS = ("nimg", "resolution", "stage_index", "alpha", "progress", "img_per_s",
@@ -120,11 +129,6 @@ class Exporter:
             self._address = (host, int(server.server_port))
             return self._address[1]
 
-    @property
-    def port(self) -> int | None:
-        """The port being served, or None."""
-        return self._address[1] if self._address else None
-
     def stop(self) -> None:
         """Shut the HTTP server down (if running) and free its port. The registry keeps its values."""
         with self._lock:
@@ -173,6 +177,7 @@ class Telemetry:
         self._swd: dict[str, float] = {}           # level -> value
         self._failures = 0.0
         self._restarts = 0.0
+        self._preemptions = 0.0
         self._nonfinite = 0.0                      # exported, monotone in this process
         self._nonfinite_reported: float | None = None  # last cumulative total the driver passed in
         self._ckpt_bucket_counts = [0] * len(CHECKPOINT_BUCKETS)
@@ -261,6 +266,13 @@ class Telemetry:
         with self._lock:
             self._restarts += n
 
+    def on_preemption(self, n: int = 1) -> None:
+        """The worker group was restarted ``n`` times because a node was preempted (not a failure)."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        with self._lock:
+            self._preemptions += n
+
     # -- serving --------------------------------------------------------------------------------------------
 
     def start_http_server(self, host: str = "0.0.0.0", port: int = 0) -> int:
@@ -309,6 +321,7 @@ class Telemetry:
                             [("pggan_swd_x1e3", {**lab, "level": lv}, v) for lv, v in self._swd.items()]))
             out += [(name, [(name, lab, v)]) for name, v in (("pggan_checkpoint_failures_total", self._failures),
                                                              ("pggan_worker_restarts_total", self._restarts),
+                                                             ("pggan_preemptions_total", self._preemptions),
                                                              ("pggan_nonfinite_steps_total", self._nonfinite))]
             hist = [(f"{h}_bucket", {**lab, "le": _le(le)}, float(c))
                     for le, c in zip(CHECKPOINT_BUCKETS, self._ckpt_bucket_counts)]
@@ -332,7 +345,7 @@ class _Collector(Collector):
         for t in self._exporter._snapshot():
             for name, samples in t._families():
                 merged.setdefault(name, []).extend(samples)
-        for name, (typ, doc) in METRICS.items():
+        for name, (typ, doc) in {**METRICS, **EXTRA_METRICS}.items():
             if name not in merged:
                 continue
             # A counter family is named without _total; its sample keeps it (prometheus_client's convention).

@@ -28,6 +28,13 @@ from .stage_eval import StageEvaluator, evaluated
 from .storage import Storage, StorageUnavailable
 
 
+# Steps between checks for a preemption notice. ray.train.get_preemption_info() is a barrier (rank 0's view,
+# broadcast), so every rank asks at the same steps; ranks step in lockstep (gradients are all-reduced), so a step
+# count agrees where a clock would not. 32 steps are well under a second at low resolutions and a few seconds at
+# 1024x1024, against notices of 30-120 s (GCP, AWS); every tick checks too.
+PREEMPTION_CHECK_STEPS = 32
+
+
 def run_job(cfg: RunConfig, run_url: str, data_url: str) -> dict[str, Any]:
     """The train_loop_config of one fit: plain JSON-able data (config is re-validated on arrival)."""
     return {"config": cfg.to_json(), "run_url": run_url, "data_url": data_url}
@@ -60,14 +67,16 @@ class _CheckpointWriter:
         self.error: BaseException | None = None
         self.results: list[dict[str, Any]] = []
         self.retries = 0
+        self.last_nimg = -1  # the newest checkpoint submitted by this worker group
 
-    def submit(self, nimg: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    def submit(self, nimg: int, state: dict[str, Any], meta: dict[str, Any], reason: str = "interval") -> None:
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(nimg, state, meta), daemon=True,
+        self.last_nimg = nimg
+        self._thread = threading.Thread(target=self._write, args=(nimg, state, meta, reason), daemon=True,
                                         name=f"ckpt-{nimg}")
         self._thread.start()
 
-    def _write(self, nimg: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    def _write(self, nimg: int, state: dict[str, Any], meta: dict[str, Any], reason: str) -> None:
         t0 = time.perf_counter()
 
         def on_retry(attempt: int, e: BaseException) -> None:
@@ -79,7 +88,7 @@ class _CheckpointWriter:
             url, size = save_checkpoint(self.storage, self.run_url, nimg, state, meta, on_retry=on_retry)
             prune(self.storage, self.run_url, self.keep, protect=nimg)
             self.results.append({"nimg": nimg, "ok": True, "seconds": time.perf_counter() - t0, "bytes": size,
-                                 "time": time.time()})
+                                 "time": time.time(), "reason": reason})
         except BaseException as e:  # noqa: BLE001 - surfaced to the training loop by wait()
             self.results.append({"nimg": nimg, "ok": False, "seconds": time.perf_counter() - t0, "time": time.time()})
             self.error = e
@@ -156,6 +165,14 @@ def train_run(job: dict[str, Any]) -> None:
         raise StorageUnavailable(str(e)) from None
 
 
+def _preemption_info() -> Any:
+    """Ray Train's preemption notice for this worker group (rank 0's view, on every rank), or None."""
+    try:
+        return ray.train.get_preemption_info()  # 5. Ray Train: a barrier across ranks
+    except (AttributeError, NotImplementedError):  # a Ray without it, or the in-process mode of unit tests
+        return None
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -192,6 +209,9 @@ class _WorkerRun:
         self.tick = _Tick()
         self.times: dict[str, float] = {}
         self.group_start_nimg = 0
+        self.group_first_step_time: float | None = None  # this worker group's first training step (recovery time)
+        self.steps = 0  # training steps of this worker group: the same on every rank
+        self.preemption: Any = None  # Ray's PreemptionInfo once a notice came
         self.restored_from = "scratch"
 
     def log(self, msg: str) -> None:
@@ -243,6 +263,8 @@ class _WorkerRun:
             self.train_one_step()
             if "first_step" not in self.times:
                 self.times["first_step"] = time.time()
+                if self.group_first_step_time is None:
+                    self.group_first_step_time = self.times["first_step"]
             at_end = self.nimg >= st.end
             due_ckpt = at_end or self.nimg // ckpt_nimg > before // ckpt_nimg
             due_tick = at_end or due_ckpt or self.nimg // tick_nimg > before // tick_nimg
@@ -252,6 +274,8 @@ class _WorkerRun:
                 continue
             if due_tick:
                 self.end_tick(checkpoint=due_ckpt, at_end=at_end)
+            elif self.steps % PREEMPTION_CHECK_STEPS == 0:
+                self.check_preemption()
         self.times["trained"] = time.time()
         return True
 
@@ -283,6 +307,7 @@ class _WorkerRun:
         self.trainer.set_lr(lr_at(self.nimg, st, self.cfg.schedule.lr_rampup_kimg))
         stats = self.trainer.train_step(reals, st.resolution, st.alpha(self.nimg), self.nimg, st.minibatch)
         self.nimg += st.minibatch
+        self.steps += 1
         self.tick.add(stats)
         nf = stats.get("nonfinite", 0.0)
         if not isinstance(nf, torch.Tensor):  # a host value: count here; device values are read at ticks
@@ -334,16 +359,42 @@ class _WorkerRun:
     # ---- maintenance per tick: checkpoint (rank 0), then one report from every rank ---------------
     def end_tick(self, checkpoint: bool, at_end: bool) -> None:
         st = self.stage
-        if checkpoint and self.writer is not None:
-            self.writer.submit(self.nimg, {"trainer": _cpu_state(self.trainer), "nimg": self.nimg,
-                                           "stage_index": st.index},
-                               {"stage_index": st.index, "stage": st.name, "resolution": st.resolution,
-                                "fingerprint": self.cfg.model_fingerprint(), "run": self.cfg.run.name})
+        if checkpoint:
+            self.checkpoint()
+        if not at_end:
+            self.check_preemption()
         m = self.report(stage_done=at_end)
         self.log(f"[{st.name}] res {st.resolution:>4} alpha {m['alpha']:.3f} "
                  f"kimg {self.nimg / 1000:8.1f}/{self.total / 1000:.1f} img/s {m['img_per_s']:7.1f} "
                  f"loss G {m['loss_G']:+.3f} D {m['loss_D']:+.3f} gp {m['gp']:.3f}")
         self.tick = _Tick(start_nimg=self.nimg)
+
+    def checkpoint(self, reason: str = "interval") -> None:
+        """Rank 0 hands a CPU copy of the training state to the background writer; training goes on."""
+        if self.writer is None or self.writer.last_nimg == self.nimg:
+            return
+        st = self.stage
+        self.writer.submit(self.nimg, {"trainer": _cpu_state(self.trainer), "nimg": self.nimg, "stage_index": st.index},
+                           {"stage_index": st.index, "stage": st.name, "resolution": st.resolution,
+                            "fingerprint": self.cfg.model_fingerprint(), "run": self.cfg.run.name},
+                           reason=reason)
+
+    # ---- spot preemption: a just-in-time checkpoint at the notice, then train on until the node goes --------
+    def check_preemption(self) -> None:
+        """Every rank, at the same steps. At the first notice of this worker group rank 0 writes a checkpoint at
+        once, so a restart loses at most the images after the notice; training goes on until the node goes (Ray
+        Train then restarts the group, charging FailureConfig.max_preemption_failures, not max_failures)."""
+        if self.preemption is not None:
+            return  # one notice (and one just-in-time checkpoint) per worker group
+        info = _preemption_info()
+        if info is None:
+            return
+        self.preemption = info
+        left = f", {info.deadline_ms / 1000 - time.time():.0f} s before the deadline" if info.deadline_ms else ""
+        nodes = ", ".join(n[:8] for n in info.preempted_node_ids)
+        self.log(f"[{self.stage.name}] preemption notice for node(s) {nodes} (ranks {info.preempted_ranks}{left}): "
+                 f"just-in-time checkpoint at {self.nimg / 1000:.3f} kimg")
+        self.checkpoint(reason="preemption")
 
     def report(self, **extra: Any) -> dict[str, Any]:
         from .records import tick_record
@@ -356,6 +407,6 @@ class _WorkerRun:
             checkpoints=self.writer.drain_results() if self.writer is not None else [],
             checkpoint_retries=self.writer.retries if self.writer is not None else 0,
             group_start_nimg=self.group_start_nimg, group_start_time=self.group_start_time, node_id=self.node_id,
-            **extra)
+            group_first_step_time=self.group_first_step_time, **extra)
         ray.train.report(metrics)  # 4. Ray Train: per-tick report (a barrier: every rank, same count)
         return metrics
