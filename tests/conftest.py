@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,152 @@ def ray_cluster(tmp_path_factory, s3_server):
             pass
         time.sleep(1)
     log.close()
+
+
+class LocalKubeRayCluster:
+    """A local Ray cluster shaped like KubeRay's: a head that offers no CPUs for training (the driver, the Train
+    controller and the exporter run there) and worker nodes, each its own `ray start --address` process group on
+    its own free ports, so a test can lose a node (its raylet and workers: SIGKILL to its process group) and add a
+    replacement. Only processes started here are ever signalled."""
+
+    def __init__(self, temp: Path, env: dict[str, str]):
+        self.temp, self.env = temp, env
+        self.ray_bin = Path(sys.executable).with_name("ray")
+        self.head: Any = None
+        self.nodes: dict[str, Any] = {}   # name -> Popen of `ray start --block` (the node's process group)
+        self.node_ids: dict[str, str] = {}
+        self._logs: list[Any] = []
+        self._next = 0
+        self.address = self.dashboard = ""
+
+    def _ports(self) -> list[str]:
+        obj, node_mgr, metrics, agent_http, agent_grpc, rt_env = (free_port() for _ in range(6))
+        # Worker processes of different nodes on one machine must not pick the same ports: a range per node.
+        lo = 20000 + 400 * self._next
+        self._next += 1
+        return [f"--node-manager-port={node_mgr}", f"--object-manager-port={obj}", f"--metrics-export-port={metrics}",
+                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 399}"]
+
+    def _start(self, args: list[str], name: str) -> Any:
+        import subprocess
+
+        log = open(self.temp / f"{name}.log", "w")
+        self._logs.append(log)
+        return subprocess.Popen([str(self.ray_bin), "start", "--block", *args, "--disable-usage-stats"], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_head(self) -> None:
+        import time
+        import urllib.request
+
+        gcs, dash, client = free_port(), free_port(), free_port()
+        self.head = self._start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                                 f"--ray-client-server-port={client}", "--num-cpus=0", "--include-dashboard=true",
+                                 f"--temp-dir={self.temp}", *self._ports()], "head")
+        self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2).read()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start --head failed:\n{(self.temp / 'head.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        _wait_for_job_agent(self.dashboard, deadline=time.monotonic() + 120)
+
+    def add_worker_node(self, cpus: int = 1, timeout: float = 120) -> str:
+        """Start a worker node; returns its name once it is alive in the cluster (its node id in node_ids)."""
+        import time
+
+        name = f"worker-{self._next}"
+        before = set(self.alive_node_ids())
+        self.nodes[name] = self._start([f"--address={self.address}", f"--num-cpus={cpus}", f"--temp-dir={self.temp}",
+                                        *self._ports()], name)
+        deadline = time.monotonic() + timeout
+        while True:
+            new = set(self.alive_node_ids()) - before - set(self.node_ids.values())
+            if new:
+                self.node_ids[name] = new.pop()
+                return name
+            if self.nodes[name].poll() is not None or time.monotonic() > deadline:
+                log = (self.temp / f"{name}.log").read_text()[-3000:]
+                pytest.fail(f"worker node {name} did not join (exit code {self.nodes[name].poll()}):\n{log}")
+            time.sleep(0.5)
+
+    def kill_node(self, name: str) -> None:
+        """Lose a node at once, as when its pod or VM goes: SIGKILL to its raylet and every process it started."""
+        import signal
+
+        proc = self.nodes.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def alive_node_ids(self) -> list[str]:
+        from ray.util.state import list_nodes
+
+        try:
+            return [n.node_id for n in list_nodes(address=self.dashboard, limit=1000, raise_on_missing_output=False)
+                    if n.state == "ALIVE"]
+        except Exception as e:  # noqa: BLE001 - the state API may be busy
+            print(f"list_nodes: {type(e).__name__}: {str(e)[:300]}")
+            return []
+
+    def head_node_id(self) -> str:
+        from ray.util.state import list_nodes
+
+        return next(n.node_id for n in list_nodes(address=self.dashboard, detail=True, limit=1000) if n.is_head_node)
+
+    def worker_node_ids(self) -> dict[str, str]:
+        """name -> node id of the worker nodes started here and not killed."""
+        return {n: self.node_ids[n] for n in self.nodes}
+
+    def node_of_id(self, node_id: str) -> str | None:
+        return next((n for n, i in self.worker_node_ids().items() if i == node_id), None)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+        import time
+
+        procs = [*self.nodes.values(), *([self.head] if self.head is not None else [])]
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # TERM lets ray clean up; KILL reaps whatever is left
+            for p in procs:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            for p in procs:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+            time.sleep(1)
+        for log in self._logs:
+            log.close()
+
+
+@pytest.fixture(scope="session")
+def kuberay_cluster(tmp_path_factory, s3_server):
+    """A head with 0 CPUs plus two 1-CPU worker nodes (separate `ray start --address` processes), on free ports.
+
+    The head detects a lost node within a few seconds (Ray's health check: every 1 s, 3 misses) instead of the
+    default ~30 s. Started after moto so every node inherits the (fake) S3 credentials. Yields the
+    :class:`LocalKubeRayCluster`; tests that kill nodes leave two live worker nodes behind them."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    need("ray CLI", ray_bin.exists(), f"{ray_bin} not found; pip install 'ray[default]'")
+    env = {**os.environ, **SERVICE_ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}
+    cluster = LocalKubeRayCluster(tmp_path_factory.mktemp("ray-kuberay"), env)
+    try:
+        cluster.start_head()
+        cluster.add_worker_node()
+        cluster.add_worker_node()
+        yield cluster
+    finally:
+        cluster.stop()

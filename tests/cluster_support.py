@@ -1,0 +1,93 @@
+"""Helpers for the tests on the KubeRay-shaped local cluster (tests/test_cluster_shape.py, tests/test_chaos.py):
+tiny run configs, where Ray placed the run's actors, what a run recorded, and the measured figures per drill."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drill_support import RunDir, alive_actors
+from tiny import tiny_config
+
+FIGURES_DIR = Path("/tmp/drills")
+
+# The tiny run (tests/tiny.py) to 8x8: 4x4 stable, 8x8 fade-in, 8x8 stable; stage lengths are set per test.
+SHAPE: dict[str, Any] = {
+    "model": {"max_resolution": 8},
+    "schedule": {"fade_kimg": 0.256, "stable_kimg": 0.512},
+    "cluster": {"max_failures": 2, "start_timeout_s": 90},
+    "checkpoint": {"every_kimg": 0.256, "keep": 3},
+    "metrics": {"tick_kimg": 0.128, "tick_kimg_dict": {}, "host": "127.0.0.1", "grid_size": 2, "linger_s": 0},
+}
+
+
+def tiny(name: str, endpoint: str, bucket: str, **over: Any) -> dict[str, Any]:
+    storage = {"url": f"s3://{bucket}/runs", "endpoint_url": endpoint}
+    return tiny_config(SHAPE, {"run": {"name": name}, "storage": storage}, over)
+
+
+def write_cfg(tmp_path: Path, cfg: dict[str, Any]) -> Path:
+    f = tmp_path / f"{cfg['run']['name']}.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def schedule_total(cfg: dict[str, Any]) -> int:
+    from pggan.config import validate
+    from pggan.schedule import total_nimg
+
+    return total_nimg(validate(cfg))
+
+
+def actor_nodes(dashboard: str, class_name: str) -> dict[str, str]:
+    """actor id -> node id of the live actors of a class (state API)."""
+    return {a.actor_id: a.node_id for a in alive_actors(dashboard, class_name=class_name)
+            if a.state == "ALIVE" and a.node_id}
+
+
+def records(run: RunDir, event: str) -> list[dict[str, Any]]:
+    return [r for r in run.metrics() if r.get("event") == event]
+
+
+def assert_every_checkpoint_loads(run: RunDir) -> list[int]:
+    """Every committed checkpoint in storage verifies and loads (weights only); returns their image counts."""
+    from pggan.checkpoint.store import load_checkpoint_at
+
+    storage, url = run.storage(), run.url
+    done = run.committed()
+    for n in done:
+        ck = load_checkpoint_at(storage, url, n)
+        assert ck.nimg == n and "trainer" in ck.state, n
+    return done
+
+
+def record_figures(drill: str, **values: Any) -> None:
+    """Measured figures (never asserted) appended to /tmp/drills/history.jsonl and printed."""
+    FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+    row = {"drill": drill, "time": time.time(), **values}
+    with open(FIGURES_DIR / "history.jsonl", "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+    print(f"[drill figures] {drill}: {json.dumps(values, sort_keys=True, default=str)}")
+
+
+def recoveries(ticks: list[dict[str, Any]], kills: list[float]) -> list[dict[str, Any]]:
+    """Per kill time: the first worker group started after it (its first training step: recovery time) and the
+    images trained twice (the last tick of the groups before the kill minus where the next group started)."""
+    out = []
+    for t in kills:
+        before = [x for x in ticks if x["time"] <= t]
+        after = [x for x in ticks if x.get("group_start_time", 0) > t]
+        if not after:
+            out.append({"kill": t, "recovered": False})
+            continue
+        nxt = min(after, key=lambda x: x["time"])
+        reached = max((x["nimg"] for x in before), default=0)
+        first_step = nxt.get("group_first_step_time") or nxt["time"]
+        out.append({"kill": t, "recovered": True, "recovery_s": round(first_step - t, 2),
+                    "resumed_at": nxt["group_start_nimg"], "last_tick_before": reached,
+                    "images_trained_twice": max(reached - nxt["group_start_nimg"], 0)})
+    return out
