@@ -185,6 +185,20 @@ class LossSection(_Section):
     gp_target: float = Field(1.0, gt=0, le=1e4, description="Target gradient norm of the penalty.")
     drift: float = Field(0.001, ge=0, le=1.0, description="eps_drift * D(real)^2 keeps D's output near 0.")
     lsgan_fake_weight: float = Field(0.1, ge=0, le=10, description="Weight of the fake term in the paper's LSGAN D loss.")
+    gdrop_coef: float | None = Field(None, ge=0, le=100,
+                                     description="D's multiplicative Gaussian noise (the paper's LSGAN runs, official "
+                                                 "Theano gdrop): strength = coef * max(avg D loss - gdrop_lim, 0)^gdrop_exp; "
+                                                 "null = 0.2 with lsgan, 0 (off) with wgan-gp.")
+    gdrop_lim: float = Field(0.5, ge=0, le=100, description="D loss average above which the noise fades in (official 0.5).")
+    gdrop_exp: float = Field(2.0, gt=0, le=10, description="Exponent of the noise strength (official 2.0).")
+    gdrop_beta: float = Field(0.9, ge=0, lt=1, description="Per-step decay of the D loss average (official 0.9).")
+
+    @property
+    def gdrop(self) -> float:
+        """The noise's coefficient in effect (0 = no noise layers in D)."""
+        if self.gdrop_coef is not None:
+            return self.gdrop_coef
+        return 0.2 if self.kind == "lsgan" else 0.0
 
 
 class OptimSection(_Section):

@@ -344,3 +344,19 @@ class MinibatchStdDev(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}"
+
+
+class GDrop(nn.Module):
+    """Generalized dropout in the official Theano D_paper's 'prop' mode (the noise of the paper's LSGAN runs):
+    ``x * (1 + strength * sqrt(C) * n)``, n ~ N(0, 1) per sample and channel, shared over H and W. ``strength``
+    is adapted during training (:class:`pggan.training.losses.GDropStrength`); no noise in eval mode."""
+
+    def forward(self,
+                x: torch.Tensor,                 # [N, C, H, W]
+                strength: torch.Tensor | None,   # 0-d, on x's device (a tensor: no host sync), None = off
+                ) -> torch.Tensor:               # [N, C, H, W]
+        if strength is None or not self.training:
+            return x
+        n, c = x.shape[:2]
+        rnd = torch.randn(n, c, 1, 1, device=x.device, dtype=x.dtype)   # [N, C, 1, 1]
+        return x * (rnd * (strength.to(x.dtype) * math.sqrt(c)) + 1)

@@ -19,6 +19,7 @@ from .layers import (
     ConvDown2d,
     EqualizedConv2d,
     EqualizedLinear,
+    GDrop,
     MinibatchStdDev,
     PixelNorm,
     UpConv2d,
@@ -158,7 +159,8 @@ class Generator(nn.Module):
 
 
 class DBlock(nn.Module):
-    """R -> R/2: conv3x3, lrelu, conv3x3 + avgpool (fused), lrelu."""
+    """R -> R/2: conv3x3, lrelu, conv3x3 + avgpool (fused), lrelu; with ``strength``, GDrop noise on each conv's
+    input (official D_paper)."""
 
     def __init__(self,
                  in_channels: int,   # feature maps at R
@@ -168,9 +170,14 @@ class DBlock(nn.Module):
         super().__init__()
         self.conv0 = EqualizedConv2d(in_channels, in_channels, 3, fast_double_backward=True)
         self.conv1 = ConvDown2d(in_channels, out_channels, fused=fused, fast_double_backward=True)
+        self.gdrop = GDrop()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, Cin, H, W] -> [N, Cout, H/2, W/2]
-        return lrelu(self.conv1(lrelu(self.conv0(x))))
+    def forward(self,
+                x: torch.Tensor,                      # [N, Cin, H, W]
+                strength: torch.Tensor | None = None,  # GDrop strength (None: no noise)
+                ) -> torch.Tensor:                    # [N, Cout, H/2, W/2]
+        x = lrelu(self.conv0(self.gdrop(x, strength)))
+        return lrelu(self.conv1(self.gdrop(x, strength)))
 
 
 class DFinalBlock(nn.Module):
@@ -187,12 +194,16 @@ class DFinalBlock(nn.Module):
                                     fast_double_backward=True)
         self.dense0 = EqualizedLinear(channels * 16, dense_channels)
         self.dense1 = EqualizedLinear(dense_channels, 1, gain=1.0)
+        self.gdrop = GDrop()
 
-    def forward(self, x: torch.Tensor, segments: int = 1) -> torch.Tensor:  # [N, C, 4, 4] -> [N]
+    def forward(self, x: torch.Tensor, segments: int = 1,
+                strength: torch.Tensor | None = None,  # GDrop strength (None: no noise)
+                ) -> torch.Tensor:  # [N, C, 4, 4] -> [N]
         if self.mbstd is not None:
             x = self.mbstd(x, segments)                           # [N, C+1, 4, 4]
-        x = lrelu(self.conv(x))                                   # [N, C, 4, 4]
-        x = lrelu(self.dense0(x.flatten(1)))                      # [N, C0]; NCHW order as the official flatten
+        x = lrelu(self.conv(self.gdrop(x, strength)))             # [N, C, 4, 4]
+        # The dense 4x4xC -> C0 layer is the official 4x4 conv without padding: GDrop on its input too.
+        x = lrelu(self.dense0(self.gdrop(x, strength).flatten(1)))  # [N, C0]; NCHW order as the official flatten
         return self.dense1(x).squeeze(1)                          # [N]
 
 
@@ -205,9 +216,13 @@ class Discriminator(nn.Module):
                  fmap_max: int = 512,         # channel cap
                  mbstd_group_size: int = 4,   # minibatch-stddev group (0 disables)
                  fused_scale: bool = True,    # fused conv + avgpool
+                 gdrop: bool = False,         # the paper's LSGAN noise (GDrop) before each conv, at gdrop_strength
                  ) -> None:
         super().__init__()
         self.max_resolution = max_resolution
+        # Set during training (GanTrainer, from losses.GDropStrength); not saved: the official code restarts
+        # its adaptation on resume as well. 0 = no noise.
+        self.register_buffer("gdrop_strength", torch.zeros(()) if gdrop else None, persistent=False)
         res_list = _resolutions(max_resolution)
         ch = {r: num_channels(r, fmap_base, fmap_max) for r in [2, *res_list]}
         blocks: dict[str, nn.Module] = {"4": DFinalBlock(ch[4], ch[2], mbstd_group_size)}
@@ -227,22 +242,24 @@ class Discriminator(nn.Module):
         _check_res(res, self.max_resolution)
         assert img.shape[1:] == (IMG_CHANNELS, res, res), f"images {tuple(img.shape)} are not 3x{res}x{res}"
         x = lrelu(self.from_rgb[str(res)](img))                   # [N, C(res), res, res]
+        s = self.gdrop_strength
         if res > 4:
-            x = self.blocks[str(res)](x)                          # [N, C(res/2), res/2, res/2]
+            x = self.blocks[str(res)](x, s)                       # [N, C(res/2), res/2, res/2]
             if alpha < 1.0:
                 # The new block fades in against the previous input path on the 2x2-pooled image.
                 prev = lrelu(self.from_rgb[str(res // 2)](downsample2x(img)))
                 x = torch.lerp(prev, x, alpha)
             r = res // 2
             while r > 4:
-                x = self.blocks[str(r)](x)
+                x = self.blocks[str(r)](x, s)
                 r //= 2
         # x: [N, C4, 4, 4]
-        return self.blocks["4"](x, segments)
+        return self.blocks["4"](x, segments, s)
 
 
-def build_networks(model_cfg: "ModelSection") -> tuple[Generator, Discriminator]:
-    """G and D at full size from the config's model section (weights drawn from torch's global RNG)."""
+def build_networks(model_cfg: "ModelSection", gdrop: bool = False) -> tuple[Generator, Discriminator]:
+    """G and D at full size from the config's model section (weights drawn from torch's global RNG); ``gdrop``:
+    D with the paper's LSGAN noise (see :attr:`pggan.config.LossSection.gdrop`)."""
     g = Generator(latent_size=model_cfg.latent_size,
                   max_resolution=model_cfg.max_resolution,
                   fmap_base=model_cfg.fmap_base,
@@ -252,5 +269,6 @@ def build_networks(model_cfg: "ModelSection") -> tuple[Generator, Discriminator]
                       fmap_base=model_cfg.fmap_base,
                       fmap_max=model_cfg.fmap_max,
                       mbstd_group_size=model_cfg.mbstd_group_size,
-                      fused_scale=model_cfg.fused_scale)
+                      fused_scale=model_cfg.fused_scale,
+                      gdrop=gdrop)
     return g, d

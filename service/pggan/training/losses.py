@@ -71,6 +71,30 @@ class DLossTerms:
     gp: torch.Tensor           # (||grad|| - target)^2, unweighted; zeros for LSGAN
 
 
+class GDropStrength:
+    """Adapts the strength of D's GDrop noise (the paper's LSGAN; official Theano train.py, "fade in D noise if we're
+    close to becoming unstable"): after each step, avg = beta * avg + (1 - beta) * clip(D loss, 0, 1) and
+    strength = coef * max(avg - lim, 0)^exp. The official loop reads the minibatch's D loss there (its
+    ``mb_train_out[1]``). All on the device (no host sync); a non-finite D loss (a skipped step) leaves avg as it is."""
+
+    def __init__(self, coef: float, lim: float = 0.5, exp: float = 2.0, beta: float = 0.9,
+                 device: str | torch.device = "cpu") -> None:
+        self.coef, self.lim, self.exp, self.beta = coef, lim, exp, beta
+        self.avg = torch.zeros((), device=device)  # starts at 0, as the official loop (also on resume)
+
+    @classmethod
+    def from_config(cls, cfg: "LossSection", device: str | torch.device = "cpu") -> "GDropStrength | None":
+        """None where the config has no noise (wgan-gp by default, or gdrop_coef 0)."""
+        return cls(cfg.gdrop, cfg.gdrop_lim, cfg.gdrop_exp, cfg.gdrop_beta, device) if cfg.gdrop > 0 else None
+
+    def update(self, d_loss: torch.Tensor) -> torch.Tensor:
+        """One step's mean D loss (0-d) -> the strength for the next step (0-d, on the device)."""
+        cur = d_loss.detach().float().clamp(0.0, 1.0)
+        cur = torch.where(torch.isfinite(cur), cur, self.avg)
+        self.avg = self.avg * self.beta + cur * (1.0 - self.beta)
+        return self.coef * (self.avg - self.lim).clamp_min(0.0).pow(self.exp)
+
+
 class GanLoss:
     """WGAN-GP with drift, or the paper's LSGAN, in two phases:
 

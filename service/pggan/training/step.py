@@ -51,7 +51,7 @@ from torch import nn
 
 from ..models.networks import Discriminator, Generator, blend_reals, build_networks
 from .ema import ema_beta, ema_update
-from .losses import GanLoss
+from .losses import GanLoss, GDropStrength
 
 if TYPE_CHECKING:
     from ..config import EmaSection, LossSection, ModelSection, OptimSection, RunConfig
@@ -292,7 +292,7 @@ class GanTrainer:
         # Same weights on every rank: built from the run seed without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            G, D = build_networks(model_cfg)
+            G, D = build_networks(model_cfg, gdrop=loss_cfg.gdrop > 0)
         self.G: Generator = G.to(self.device, dtype)
         self.D: Discriminator = D.to(self.device, dtype)
         self.G.set_memory_format(self.memory_format)
@@ -304,6 +304,7 @@ class GanTrainer:
         if self.opts.compile:
             self._setup_compile()
         self._gen = torch.Generator(self.device)
+        self.gdrop = GDropStrength.from_config(loss_cfg, self.device)  # the paper's LSGAN noise in D, or None
         self.lr = lr
         self.reset_optimizers(lr)
 
@@ -444,6 +445,9 @@ class GanTrainer:
             ema_update(self.G_ema, self.G, beta, skip=g_bad)
         elif not bool(g_bad):
             ema_update(self.G_ema, self.G, beta)
+
+        if self.gdrop is not None:  # ---- the paper's LSGAN: D's noise follows its loss (for the next step)
+            self.D.gdrop_strength.copy_(self.gdrop.update(d_stats[0]))
 
         self.counters.nimg += gb
         self.counters.steps += 1
