@@ -179,3 +179,15 @@ def test_a_spilled_share_in_float16_gives_the_in_memory_swd(tmp_path):
     sa.close()
     sb.close()
     assert not list(tmp_path.rglob("level-*.bin"))
+
+
+def test_evaluate_and_the_stage_end_draw_positions_per_set_the_same_way():
+    """`launch.py evaluate` (swd with independent positions) and the workers' stage-end SWD are one metric."""
+    a, b = _images(64, 16, 6), _images(64, 16, 7)
+    cpu = torch.device("cpu")
+    whole = swd(a, b, seed=3, independent_positions=True, w1_method="sort")
+    shares = swd_dist.swd_of_shares(
+        swd_dist.describe_share([(0, a)], 16, seed=swd_dist.set_seed(3, swd_dist.REALS), device=cpu),
+        swd_dist.describe_share([(0, b)], 16, seed=swd_dist.set_seed(3, swd_dist.FAKES), device=cpu), seed=3)
+    assert whole["swd_x1e3"] == pytest.approx(shares["swd_x1e3"], rel=2e-5)
+    assert swd(a, a, seed=3)["avg"] == 0.0 < swd(a, a, seed=3, independent_positions=True)["avg"]

@@ -142,7 +142,7 @@ def evaluate_sets(reals: np.ndarray | None, fakes: np.ndarray, metrics: tuple[st
             raise UserError("SWD needs real images (--reals)")
         n = min(len(reals), len(fakes), num_images)
         t = time.perf_counter()
-        out["swd"] = swd(reals[:n], fakes[:n], seed=seed, device=device)
+        out["swd"] = swd(reals[:n], fakes[:n], seed=seed, device=device, independent_positions=True)
         out["swd"]["seconds"] = round(time.perf_counter() - t, 2)
     if "msssim" in metrics:
         pairs = num_images

@@ -76,3 +76,9 @@ def _gather(level: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, patch: int)
     windows = level.as_strided((n, s - patch + 1, s - patch + 1, c, patch, patch), (sn, sh, sw, sc, sh, sw))
     img = torch.arange(n, device=level.device)[:, None]
     return windows[img, ys.to(level.device), xs.to(level.device)].reshape(n * ys.shape[1], c * patch * patch)
+
+
+def set_position_seed(seed: int, stream: int) -> int:
+    """The neighbourhood-position seed of one image set (stream 1: reals, 2: fakes, 3: a second real sample),
+    so that positions are drawn for each set independently, as the official code draws them."""
+    return _hash_scalar(seed, stream, 0x5E7) & 0x7FFFFFFF

@@ -102,10 +102,13 @@ class DescriptorSet:
 
     def __init__(self, resolution: int, *, num_neighborhoods: int = 128, patch: int = 7, seed: int = 0,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 64,
-                 min_resolution: int = 16, max_bytes: float | None = None):
+                 min_resolution: int = 16, max_bytes: float | None = None, position_seed: int | None = None):
         self.resolution = resolution
         self.levels = swd_levels(resolution, min_resolution, patch)
         self.num_neighborhoods, self.patch, self.seed = num_neighborhoods, patch, seed
+        # Neighbourhood positions: the directions' seed by default (reals and fakes share positions), or a seed
+        # of the set's own (positions drawn for each set independently, as the official code draws them).
+        self.position_seed = seed if position_seed is None else position_seed
         self.device, self.dtype, self.batch = torch.device(device), dtype, batch
         self.max_bytes = max_bytes
         self.num_images = 0
@@ -158,7 +161,7 @@ class DescriptorSet:
         pyr = laplacian_pyramid(x.to(self.device, non_blocking=True), len(self.levels))
         pp = self.patch * self.patch
         for li, lvl in enumerate(pyr):
-            ys, xs = patch_positions(self.seed, li, self.num_images, n, lvl.shape[-1], self.num_neighborhoods,
+            ys, xs = patch_positions(self.position_seed, li, self.num_images, n, lvl.shape[-1], self.num_neighborhoods,
                                      self.patch)
             d = _gather(lvl, ys, xs, self.patch)  # [n * nh, 3 * p * p] float32
             if self.offset[li] is None:
@@ -234,11 +237,12 @@ def _first_resolution(batches: Iterator[Any]) -> tuple[int, Iterator[Any]]:
 def describe(images: Any, *, num_neighborhoods: int = 128, patch: int = 7, seed: int = 0,
              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, batch: int = 64,
              max_images: int | None = None, resolution: int | None = None,
-             max_bytes: float | None = None) -> DescriptorSet:
+             max_bytes: float | None = None, position_seed: int | None = None) -> DescriptorSet:
     """Descriptors of an image set (array/tensor [N, 3, R, R] uint8, or an iterable of such batches)."""
     res, batches = _first_resolution(_as_batches(images, max_images))
     ds = DescriptorSet(resolution or res, num_neighborhoods=num_neighborhoods, patch=patch, seed=seed,
-                       device=_device(device), dtype=dtype, batch=batch, max_bytes=max_bytes)
+                       device=_device(device), dtype=dtype, batch=batch, max_bytes=max_bytes,
+                       position_seed=position_seed)
     for b in batches:
         ds.add(b)
     return ds
@@ -269,7 +273,7 @@ def _known_size(images: Any, max_images: int | None) -> tuple[int, int] | None:
 def swd(reals: Any, fakes: Any, *, num_neighborhoods: int = 128, patch: int = 7, dir_repeats: int = 4,
         dirs_per_repeat: int = 128, seed: int = 0, device: torch.device | str | None = None, batch: int = 64,
         max_images: int | None = None, memory_mb: float | None = None, storage: str = "auto",
-        w1_method: str = "auto") -> dict[str, Any]:
+        w1_method: str = "auto", independent_positions: bool = False) -> dict[str, Any]:
     """Multi-scale sliced Wasserstein distance between two image sets, x1e3 per level and averaged.
 
     reals, fakes: uint8 [N, 3, R, R] numpy arrays or torch tensors, or iterables of such batches (streamed;
@@ -280,6 +284,8 @@ def swd(reals: Any, fakes: Any, *, num_neighborhoods: int = 128, patch: int = 7,
     (default 4 GiB on CPU, 40% of a GPU's memory), else float16 -- decided up front for arrays, and by
     switching (both sets alike) when a stream outgrows it. 16384 images at 128x128 need 9.2 GiB in float32.
     w1_method: "auto", "sort" or "bucket" (see :func:`wasserstein1`; all give the same value).
+    independent_positions: draw each set's neighbourhood positions independently, as the official code does
+    (`evaluate` and the stage-end evaluation do); False shares them (a set against itself is then exactly 0).
 
     Returns {"levels": [R, R/2, ..., 16], "swd_x1e3": {"R": float, ...}, "avg": float, "images": N,
     "descriptors_per_level": M, "storage": "float32"|"float16", "seed": seed, "device": "cpu"|"cuda"}.
@@ -300,12 +306,15 @@ def swd(reals: Any, fakes: Any, *, num_neighborhoods: int = 128, patch: int = 7,
             max_bytes = budget / 2  # per set
     kw = dict(num_neighborhoods=num_neighborhoods, patch=patch, seed=seed, device=dev, dtype=dtype, batch=batch,
               max_images=max_images, max_bytes=max_bytes)
+    from .patches import set_position_seed
+
+    pos = (set_position_seed(seed, 1), set_position_seed(seed, 2)) if independent_positions else (None, None)
     try:
-        da = describe(reals, **kw)
+        da = describe(reals, **kw, position_seed=pos[0])
     except ImagesTooSmall as e:  # e.g. the 4x4 stage: report "nothing measured" rather than fail a run
         return {"levels": [], "swd_x1e3": {}, "avg": float("nan"), "images": 0, "descriptors_per_level": 0,
                 "storage": None, "seed": seed, "device": dev.type, "skipped": str(e)}
-    db = describe(fakes, **kw)
+    db = describe(fakes, **kw, position_seed=pos[1])
     if da.dtype != db.dtype:  # one stream outgrew the budget: store both alike, or they would be rounded unlike
         da.to_dtype(torch.float16)
         db.to_dtype(torch.float16)

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .swd import _gather, _hash_scalar, directions, laplacian_pyramid, patch_positions, swd_levels, wasserstein1
+from .patches import set_position_seed
+from .swd import _gather, directions, laplacian_pyramid, patch_positions, swd_levels, wasserstein1
 
 # Independent position streams per set; reals keep theirs across stages, so their descriptors can be cached.
 REALS, FAKES, REALS_2 = 1, 2, 3
@@ -39,7 +40,7 @@ SHARD_IMAGES = 512  # images per cached shard of real descriptors (any rank coun
 
 def set_seed(seed: int, stream: int) -> int:
     """The seed of one image set's neighbourhood positions."""
-    return _hash_scalar(seed, stream, 0x5E7) & 0x7FFFFFFF
+    return set_position_seed(seed, stream)
 
 
 @dataclass
