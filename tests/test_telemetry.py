@@ -48,6 +48,7 @@ def families(t: Telemetry | Exporter) -> dict[str, str]:
 
 # --- names and types ---------------------------------------------------------------------------------------
 
+@pytest.mark.integration  # needs ../shared
 def test_metric_names_are_exactly_those_in_design_md():
     need("shared/DESIGN.md", DESIGN.exists(), f"{DESIGN} holds the metric contract")
     section = DESIGN.read_text().split("### Prometheus metrics", 1)[1].split("\n## ", 1)[0]
