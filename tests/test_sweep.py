@@ -91,7 +91,7 @@ def test_the_plot_is_a_png_and_the_best_config_revalidates_with_the_trials_value
 
     png = plot_png([_row("t00", "completed", [(0.2, 30.0), (0.4, 25.0)]), _row("t01", "stopped", [(0.2, 40.0)])],
                    "sweep x")
-    assert Image.open(__import__("io").BytesIO(png)).size == (800, 450)
+    assert Image.open(__import__("io").BytesIO(png)).size == (800, 474)
     cfg = _cfg()
     best = _row("t01", "completed", [(0.4, 25.0)], params={"loss.kind": "lsgan", "schedule.lr_base": 0.002})
     (tmp_path / "best.yaml").write_text(best_yaml(cfg, best))

@@ -368,16 +368,22 @@ def plot_png(rows: list[dict[str, Any]], title: str) -> bytes:
     for i, r in enumerate(sorted(rows, key=lambda r: r["index"])):
         if not r["stage_ends"]:
             continue
-        label = f"{r['trial']} " + " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in sorted(r["params"].items()))
+        label = f"{r['trial']} " + " ".join(_fmt(v) for _, v in sorted(r["params"].items()))  # short: legend in one row
         series.append(Series(label + ("" if r["state"] == "completed" else f" ({r['state']})"),
                              [e["kimg"] for e in r["stage_ends"]], [e["swd_avg"] for e in r["stage_ends"]],
                              PALETTE[i % len(PALETTE)], width=2.0, dash=r["state"] != "completed", markers=True))
     ys = [y for s in series for y in s.y if math.isfinite(y) and y > 0]
     wide = bool(ys) and max(ys) / min(ys) > 5  # a log axis only where the values span a range worth it
-    panel = Panel(title, "SWD x1e3 avg (lower is better)", series, log_y=wide, empty_text="no SWD measured")
-    from PIL import Image
+    panel = Panel("SWD x1e3 avg vs kimg", "SWD x1e3 avg (lower is better)", series, log_y=wide,
+                  empty_text="no SWD measured")
+    from PIL import Image, ImageDraw
 
-    return _png(render_panel(panel, w=800, h=450).resize((800, 450), Image.LANCZOS))  # drawn at 2x: antialiased
+    from .report import INK, _font
+
+    out = Image.new("RGB", (800, 474), "white")
+    ImageDraw.Draw(out).text((12, 5), title, fill=INK, font=_font(14))
+    out.paste(render_panel(panel, w=800, h=450).resize((800, 450), Image.LANCZOS), (0, 24))  # drawn at 2x: antialiased
+    return _png(out)
 
 
 def best_yaml(cfg: RunConfig, best: dict[str, Any]) -> str:
@@ -402,7 +408,8 @@ def write_results(cfg: RunConfig, rows: list[dict[str, Any]], wall_s: float) -> 
            "best": best["trial"] if best else None, "trials": rows}
     paths = {"results": join(url, "results.json"), "plot": join(url, "swd.png"), "best": join(url, "best.yaml")}
     storage.write_json(paths["results"], doc)
-    storage.write_bytes(paths["plot"], plot_png(rows, f"sweep {cfg.run.name}: SWD x1e3 avg vs kimg"))
+    keys = ", ".join(sorted({k for r in rows for k in r["params"]}))
+    storage.write_bytes(paths["plot"], plot_png(rows, f"sweep {cfg.run.name}: one line per trial ({keys})"))
     if best is not None:
         storage.write_bytes(paths["best"], best_yaml(cfg, best).encode())
     else:
