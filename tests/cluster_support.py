@@ -76,7 +76,8 @@ def record_figures(drill: str, **values: Any) -> None:
 
 def recoveries(ticks: list[dict[str, Any]], kills: list[float]) -> list[dict[str, Any]]:
     """Per kill time: the first worker group started after it (its first training step: recovery time) and the
-    images trained twice (the last tick of the groups before the kill minus where the next group started)."""
+    images trained twice: at least the last tick before the kill minus where the next group started (ticks are
+    what the history keeps), and an estimate adding the steps since that tick at its rate."""
     out = []
     for t in kills:
         before = [x for x in ticks if x["time"] <= t]
@@ -85,9 +86,19 @@ def recoveries(ticks: list[dict[str, Any]], kills: list[float]) -> list[dict[str
             out.append({"kill": t, "recovered": False})
             continue
         nxt = min(after, key=lambda x: x["time"])
-        reached = max((x["nimg"] for x in before), default=0)
+        last = max(before, key=lambda x: x["time"], default={"nimg": 0, "time": t, "img_per_s": 0.0})
+        reached = last["nimg"]
+        # Steps after the last tick are not in the history: estimated from that tick's rate (at most one tick).
+        est = reached + min(last.get("img_per_s", 0.0) * max(t - last["time"], 0.0), ticks_gap(ticks))
         first_step = nxt.get("group_first_step_time") or nxt["time"]
         out.append({"kill": t, "recovered": True, "recovery_s": round(first_step - t, 2),
                     "resumed_at": nxt["group_start_nimg"], "last_tick_before": reached,
-                    "images_trained_twice": max(reached - nxt["group_start_nimg"], 0)})
+                    "images_trained_twice": max(reached - nxt["group_start_nimg"], 0),
+                    "images_trained_twice_est": max(round(est) - nxt["group_start_nimg"], 0)})
     return out
+
+
+def ticks_gap(ticks: list[dict[str, Any]]) -> int:
+    """The smallest step between consecutive tick image counts (the tick length)."""
+    gaps = [b["nimg"] - a["nimg"] for a, b in zip(ticks, ticks[1:]) if b["nimg"] > a["nimg"]]
+    return min(gaps, default=0)

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,7 @@ class LocalKubeRayCluster:
         self.nodes: dict[str, Any] = {}   # name -> Popen of `ray start --block` (the node's process group)
         self.node_ids: dict[str, str] = {}
         self._logs: list[Any] = []
+        self.node_temps: list[Path] = []
         self._next = 0
         self.address = self.dashboard = ""
 
@@ -199,6 +201,13 @@ class LocalKubeRayCluster:
                 f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
                 f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 399}"]
 
+    def _short_temp(self) -> Path:
+        """A node's Ray temp dir: short, since Unix socket paths under it are limited to 107 bytes (pytest's
+        tmp_path leaves too few)."""
+        temp = Path(tempfile.mkdtemp(prefix="rk-", dir="/tmp"))
+        self.node_temps.append(temp)
+        return temp
+
     def _start(self, args: list[str], name: str) -> Any:
         import subprocess
 
@@ -207,14 +216,30 @@ class LocalKubeRayCluster:
         return subprocess.Popen([str(self.ray_bin), "start", "--block", *args, "--disable-usage-stats"], env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_head(self) -> None:
+    def start_head(self, attempts: int = 2) -> None:
+        """The head, retried once: on a loaded machine a dashboard module sometimes fails to start."""
+        for attempt in range(attempts):
+            try:
+                return self._start_head()
+            except RuntimeError as e:
+                import signal
+
+                if attempt == attempts - 1:
+                    pytest.fail(str(e))
+                try:
+                    os.killpg(self.head.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.head.wait(timeout=30)
+
+    def _start_head(self) -> None:
         import time
         import urllib.request
 
         gcs, dash, client = free_port(), free_port(), free_port()
         self.head = self._start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                                  f"--ray-client-server-port={client}", "--num-cpus=0", "--include-dashboard=true",
-                                 f"--temp-dir={self.temp}", *self._ports()], "head")
+                                 f"--temp-dir={self._short_temp()}", *self._ports()], "head")
         self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 120
         while True:
@@ -223,7 +248,7 @@ class LocalKubeRayCluster:
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 if self.head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ray start --head failed:\n{(self.temp / 'head.log').read_text()[-3000:]}")
+                    raise RuntimeError(f"ray start --head failed:\n{(self.temp / 'head.log').read_text()[-3000:]}")
                 time.sleep(0.5)
         _wait_for_job_agent(self.dashboard, deadline=time.monotonic() + 120)
 
@@ -233,8 +258,9 @@ class LocalKubeRayCluster:
 
         name = f"worker-{self._next}"
         before = set(self.alive_node_ids())
-        self.nodes[name] = self._start([f"--address={self.address}", f"--num-cpus={cpus}", f"--temp-dir={self.temp}",
-                                        *self._ports()], name)
+        # Its own temp dir, as on its own machine: nodes sharing one would each forward every node's worker logs.
+        self.nodes[name] = self._start([f"--address={self.address}", f"--num-cpus={cpus}",
+                                        f"--temp-dir={self._short_temp()}", *self._ports()], name)
         deadline = time.monotonic() + timeout
         while True:
             new = set(self.alive_node_ids()) - before - set(self.node_ids.values())
@@ -299,6 +325,8 @@ class LocalKubeRayCluster:
             time.sleep(1)
         for log in self._logs:
             log.close()
+        for temp in self.node_temps:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
