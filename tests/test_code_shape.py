@@ -20,9 +20,6 @@ ARGPARSE_BUILDERS = {
 # Do not add to this list: split the function instead.
 PENDING = {
     "sweep.py:run_sweep",                  # owned by the lead / issue 12 (sweep.py) right now
-    "report.py:render_panel",              # issue 14, not split yet
-    "status.py:format_status",             # issue 14, not split yet
-    "status.py:summarize",                 # issue 14, not split yet
 }
 
 

@@ -10,7 +10,8 @@ stage end with the real-vs-real floor (dashed) and the untrained generator's ave
 sample grid of every stage, from the same latents, side by side.
 
 Drawn with Pillow (a dependency already) at twice the size and downsampled, which antialiases the lines;
-the project does not depend on matplotlib for four line plots.
+the project does not depend on matplotlib for four line plots. That small line plot (Panel, render_panel) is the
+report's drawing; sweep.py's chart borrows it, so it lives here rather than in a module of its own.
 """
 
 from __future__ import annotations
@@ -126,20 +127,35 @@ def _robust_range(values: list[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> Image.Image:
-    """The panel at ``ss`` times (w, h): white background, stage bands, axes, ticks, series, legend."""
-    W, H = w * ss, h * ss
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    f_title, f_small = _font(14 * ss), _font(11 * ss)
-    left, right, top, bottom = 62 * ss, W - 14 * ss, 46 * ss, H - 38 * ss
-    strip = top - 16 * ss  # the band labels' strip above the data, so no curve hides them
-    d.text((left, 8 * ss), p.title, fill=INK, font=f_title)
+@dataclass
+class _Frame:
+    """A panel's plot area in pixels (at the supersampled size) and the data ranges mapped onto it."""
 
-    pts = [(x, y) for s in p.series for x, y in zip(s.x, s.y) if _finite(x) and _finite(y)]
-    hvals = [s.y[0] for s in p.hlines if s.y and _finite(s.y[0])]
+    left: float
+    right: float
+    top: float
+    bottom: float
+    strip: float  # the band labels' strip above the data, so no curve hides them
+    xmin: float
+    xmax: float
+    ylo: float
+    yhi: float
+    log_y: bool
+
+    def X(self, x: float) -> float:
+        return self.left + (x - self.xmin) / max(self.xmax - self.xmin, 1e-12) * (self.right - self.left)
+
+    def Y(self, y: float) -> float:
+        v = math.log10(y) if self.log_y else y
+        v = min(max(v, self.ylo), self.yhi)  # clip to the plot area
+        return self.bottom - (v - self.ylo) / max(self.yhi - self.ylo, 1e-12) * (self.bottom - self.top)
+
+
+def _frame(p: Panel, pts: list[tuple[float, float]], hvals: list[float], W: int, H: int, ss: int) -> _Frame:
+    """The plot area and ranges: x from 0 to the panel's xmax (else the data's and the bands'); y from the data,
+    on a log scale where the panel asks for one and every value is positive."""
+    left, right, top, bottom = 62 * ss, W - 14 * ss, 46 * ss, H - 38 * ss
     xmax = p.xmax if p.xmax else max([x for x, _ in pts] + [b.x1 for b in p.bands] + [1e-9])
-    xmin = 0.0
     log_y = p.log_y and all(y > 0 for _, y in pts) and all(v > 0 for v in hvals)
     ys = [y for _, y in pts] + hvals
     if ys:
@@ -151,72 +167,93 @@ def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> 
             ylo, yhi = _robust_range(ys)
     else:
         ylo, yhi = 0.0, 1.0
+    return _Frame(left, right, top, bottom, top - 16 * ss, 0.0, xmax, ylo, yhi, log_y)
 
-    def X(x: float) -> float:
-        return left + (x - xmin) / max(xmax - xmin, 1e-12) * (right - left)
 
-    def Y(y: float) -> float:
-        v = math.log10(y) if log_y else y
-        v = min(max(v, ylo), yhi)  # clip to the plot area
-        return bottom - (v - ylo) / max(yhi - ylo, 1e-12) * (bottom - top)
+def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> Image.Image:
+    """The panel at ``ss`` times (w, h): white background, stage bands, axes, ticks, series, legend."""
+    W, H = w * ss, h * ss
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    f_title, f_small = _font(14 * ss), _font(11 * ss)
+    pts = [(x, y) for s in p.series for x, y in zip(s.x, s.y) if _finite(x) and _finite(y)]
+    hvals = [s.y[0] for s in p.hlines if s.y and _finite(s.y[0])]
+    fr = _frame(p, pts, hvals, W, H, ss)
+    d.text((fr.left, 8 * ss), p.title, fill=INK, font=f_title)
+    _draw_bands(d, p.bands, fr, f_small, ss)
+    _draw_axes(img, d, p.ylabel, fr, f_small, ss)
+    if not pts and not hvals:
+        tw = d.textlength(p.empty_text, font=f_title)
+        d.text(((fr.left + fr.right - tw) / 2, (fr.top + fr.bottom) / 2 - 8 * ss), p.empty_text,
+               fill=(150, 150, 150), font=f_title)
+        return img
+    _draw_series(d, p, fr, ss)
+    _draw_legend(d, [s for s in p.series + p.hlines if s.label], fr.right, f_small, ss)
+    return img
 
-    # Stage bands and their labels.
-    for b in p.bands:
-        x0, x1 = X(max(b.x0, xmin)), X(min(b.x1, xmax))
+
+def _draw_bands(d: ImageDraw.ImageDraw, bands: list[Band], fr: _Frame, font: ImageFont.ImageFont, ss: int) -> None:
+    """The stage bands, each labelled in the strip above the data with the longest of its labels that fits."""
+    for b in bands:
+        x0, x1 = fr.X(max(b.x0, fr.xmin)), fr.X(min(b.x1, fr.xmax))
         if x1 <= x0:
             continue
-        d.rectangle([x0, strip, x1, bottom], fill=b.fill)
+        d.rectangle([x0, fr.strip, x1, fr.bottom], fill=b.fill)
         for label in b.labels:
-            tw = d.textlength(label, font=f_small)
+            tw = d.textlength(label, font=font)
             if tw + 4 * ss < x1 - x0:
-                d.text(((x0 + x1 - tw) / 2, strip + 2 * ss), label, fill=(110, 110, 110), font=f_small)
+                d.text(((x0 + x1 - tw) / 2, fr.strip + 2 * ss), label, fill=(110, 110, 110), font=font)
                 break
 
-    # Y grid and ticks.
-    if log_y:
-        yt = []
-        for mults in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)):  # decades; 1-2-5 within a decade or two
-            yt = [m * 10.0 ** k for k in range(math.floor(ylo) - 1, math.ceil(yhi) + 1) for m in mults
-                  if ylo <= math.log10(m * 10.0 ** k) <= yhi]
-            if len(yt) >= 3:
-                break
-    else:
-        yt = nice_ticks(ylo, yhi, 5)
-    for v in yt:
-        y = Y(v)
+
+def _y_ticks(fr: _Frame) -> list[float]:
+    """Tick values on the y axis: decades on a log scale (1-2-5 within a decade or two), else round steps."""
+    if not fr.log_y:
+        return nice_ticks(fr.ylo, fr.yhi, 5)
+    yt: list[float] = []
+    for mults in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
+        yt = [m * 10.0 ** k for k in range(math.floor(fr.ylo) - 1, math.ceil(fr.yhi) + 1) for m in mults
+              if fr.ylo <= math.log10(m * 10.0 ** k) <= fr.yhi]
+        if len(yt) >= 3:
+            break
+    return yt
+
+
+def _draw_axes(img: Image.Image, d: ImageDraw.ImageDraw, ylabel: str, fr: _Frame, font: ImageFont.ImageFont,
+               ss: int) -> None:
+    """The y grid and ticks, the x ticks, the frame, and both axis labels (the y label rotated)."""
+    left, right, top, bottom = fr.left, fr.right, fr.top, fr.bottom
+    for v in _y_ticks(fr):
+        y = fr.Y(v)
         d.line([left, y, right, y], fill=GRID_INK, width=ss)
         label = _fmt_tick(v)
-        d.text((left - 6 * ss - d.textlength(label, font=f_small), y - 6 * ss), label, fill=INK, font=f_small)
-    for v in nice_ticks(xmin, xmax, 8):
-        x = X(v)
+        d.text((left - 6 * ss - d.textlength(label, font=font), y - 6 * ss), label, fill=INK, font=font)
+    for v in nice_ticks(fr.xmin, fr.xmax, 8):
+        x = fr.X(v)
         d.line([x, bottom, x, bottom + 4 * ss], fill=INK, width=ss)
         label = _fmt_tick(v)
-        d.text((x - d.textlength(label, font=f_small) / 2, bottom + 6 * ss), label, fill=INK, font=f_small)
-    d.line([left, strip, right, strip], fill=GRID_INK, width=ss)
+        d.text((x - d.textlength(label, font=font) / 2, bottom + 6 * ss), label, fill=INK, font=font)
+    d.line([left, fr.strip, right, fr.strip], fill=GRID_INK, width=ss)
     d.rectangle([left, top, right, bottom], outline=INK, width=ss)
     xl = "kimg"
-    d.text(((left + right - d.textlength(xl, font=f_small)) / 2, H - 16 * ss), xl, fill=INK, font=f_small)
-    ylab = Image.new("RGB", (int(d.textlength(p.ylabel + ("  (log)" if log_y else ""), font=f_small)) + 4,
-                             14 * ss), "white")
-    ImageDraw.Draw(ylab).text((2, 0), p.ylabel + ("  (log)" if log_y else ""), fill=INK, font=f_small)
+    d.text(((left + right - d.textlength(xl, font=font)) / 2, img.height - 16 * ss), xl, fill=INK, font=font)
+    text = ylabel + ("  (log)" if fr.log_y else "")
+    ylab = Image.new("RGB", (int(d.textlength(text, font=font)) + 4, 14 * ss), "white")
+    ImageDraw.Draw(ylab).text((2, 0), text, fill=INK, font=font)
     ylab = ylab.rotate(90, expand=True)
     img.paste(ylab, (4 * ss, int((top + bottom - ylab.height) / 2)))
 
-    if not pts and not hvals:
-        tw = d.textlength(p.empty_text, font=f_title)
-        d.text(((left + right - tw) / 2, (top + bottom) / 2 - 8 * ss), p.empty_text, fill=(150, 150, 150),
-               font=f_title)
-        return img
 
-    # Horizontal reference lines, then the series (NaN/inf breaks a line).
+def _draw_series(d: ImageDraw.ImageDraw, p: Panel, fr: _Frame, ss: int) -> None:
+    """The horizontal reference lines, then the series (NaN/inf breaks a line), with markers where asked."""
     for s in p.hlines:
         if s.y and _finite(s.y[0]):
-            _polyline(d, [(left, Y(s.y[0])), (right, Y(s.y[0]))], s, ss)
+            _polyline(d, [(fr.left, fr.Y(s.y[0])), (fr.right, fr.Y(s.y[0]))], s, ss)
     for s in p.series:
         seg: list[tuple[float, float]] = []
         for x, y in zip(s.x, s.y):
             if _finite(x) and _finite(y):
-                seg.append((X(x), Y(y)))
+                seg.append((fr.X(x), fr.Y(y)))
             else:
                 _polyline(d, seg, s, ss)
                 seg = []
@@ -225,19 +262,20 @@ def render_panel(p: Panel, w: int = PANEL_W, h: int = PANEL_H, ss: int = SS) -> 
             r = 3 * ss
             for x, y in zip(s.x, s.y):
                 if _finite(x) and _finite(y):
-                    d.ellipse([X(x) - r, Y(y) - r, X(x) + r, Y(y) + r], fill=s.color)
+                    d.ellipse([fr.X(x) - r, fr.Y(y) - r, fr.X(x) + r, fr.Y(y) + r], fill=s.color)
 
-    # Legend: one row, right-aligned in the title strip.
-    items = [s for s in p.series + p.hlines if s.label]
+
+def _draw_legend(d: ImageDraw.ImageDraw, items: list[Series], right: float, font: ImageFont.ImageFont,
+                 ss: int) -> None:
+    """The legend: one row, right-aligned in the title strip, a line sample before each label."""
     x = right
     for s in reversed(items):
-        tw = d.textlength(s.label, font=f_small)
+        tw = d.textlength(s.label, font=font)
         x -= tw
-        d.text((x, 10 * ss), s.label, fill=INK, font=f_small)
+        d.text((x, 10 * ss), s.label, fill=INK, font=font)
         x -= 22 * ss
         _polyline(d, [(x, 17 * ss), (x + 16 * ss, 17 * ss)], s, ss)
         x -= 10 * ss
-    return img
 
 
 def _polyline(d: ImageDraw.ImageDraw, pts: list[tuple[float, float]], s: Series, ss: int) -> None:

@@ -198,6 +198,7 @@ def gather(storage: Storage, run_url: str, now: float | None = None) -> dict[str
 
 
 def summarize(view: RunView, now: float | None = None) -> dict[str, Any]:
+    """The status of a run read with :func:`load_run` (see :func:`gather`); ``now`` for the ages (default: now)."""
     now = time.time() if now is None else now
     st, cfg, records = view.state, view.config, view.records
     ticks = [r for r in records if r.get("event") == "tick"]
@@ -209,17 +210,7 @@ def summarize(view: RunView, now: float | None = None) -> dict[str, Any]:
 
         all_stages = schedule_stages(cfg)
     total = all_stages[-1].end if all_stages else int(st.total_nimg or 0)
-
-    # Where the run is: run_state.json moves at transitions; ticks and checkpoints land in between.
-    nimg = int(st.nimg or 0)
-    last_tick = ticks[-1] if ticks else None
-    if st.state not in TERMINAL:
-        if last_tick and _finite(last_tick.get("nimg")):
-            nimg = max(nimg, int(last_tick["nimg"]))
-        if view.checkpoints:
-            nimg = max(nimg, view.checkpoints[-1])
-    nimg = min(nimg, total) if total else nimg
-
+    nimg = _current_nimg(view, ticks, total)
     out: dict[str, Any] = {
         "run_url": view.run_url,
         "run_name": cfg.run.name if cfg is not None else view.run_url.rstrip("/").rsplit("/", 1)[-1],
@@ -230,9 +221,35 @@ def summarize(view: RunView, now: float | None = None) -> dict[str, Any]:
         "config_problem": view.config_problem or None,
         "time": now,
     }
+    out["stage"] = _phase(st, all_stages, nimg, total)
+    rates = measured_rates(ticks)
+    out.update(_speed(ticks, rates, now))
+    out["eta"] = _eta(view, all_stages, ends, nimg, total, rates)
+    out["eta_s"] = out["eta"]["eta_s"]
+    out["checkpoint"] = _checkpoint(view, now)
+    out.update(_failures(view, ticks))
+    out["swd"] = swd_summary(ends, baseline)
+    out["stages"] = [_stage_row(s, nimg, ends, rates) for s in all_stages]
+    out["samples"] = sorted(view.samples)
+    return out
 
-    # Phase: the stage (schedule's view at nimg; the state machine's stage while it evaluates).
-    stage_info: dict[str, Any] | None = None
+
+def _current_nimg(view: RunView, ticks: list[dict[str, Any]], total: int) -> int:
+    """Where the run is, in images: run_state.json moves at transitions; ticks and checkpoints land in between
+    (so a run still going is at the newest of the three), never past the schedule's end."""
+    st = view.state
+    nimg = int(st.nimg or 0)
+    if st.state not in TERMINAL:
+        if ticks and _finite(ticks[-1].get("nimg")):
+            nimg = max(nimg, int(ticks[-1]["nimg"]))
+        if view.checkpoints:
+            nimg = max(nimg, view.checkpoints[-1])
+    return min(nimg, total) if total else nimg
+
+
+def _phase(st: RunState, all_stages: list[Any], nimg: int, total: int) -> dict[str, Any] | None:
+    """The stage: the schedule's view at nimg (the state machine's stage while it evaluates or once completed);
+    without a schedule, what run_state.json names."""
     if all_stages:
         from .schedule import current_stage
 
@@ -240,60 +257,73 @@ def summarize(view: RunView, now: float | None = None) -> dict[str, Any]:
         if st.state in ("evaluating", "completed") and st.stage_index is not None \
                 and 0 <= st.stage_index < len(all_stages):
             cur = all_stages[st.stage_index]
-        stage_info = {"index": cur.index, "count": len(all_stages), "name": cur.name, "resolution": cur.resolution,
-                      "kind": cur.kind, "alpha": cur.alpha(nimg), "start_kimg": cur.start / 1000,
-                      "end_kimg": cur.end / 1000, "progress": min(max((nimg - cur.start) / cur.nimg, 0.0), 1.0)}
-    elif st.stage is not None:
-        stage_info = {"index": st.stage_index, "count": None, "name": st.stage, "resolution": None, "kind": None,
-                      "alpha": None, "progress": None}
-    out["stage"] = stage_info
+        return {"index": cur.index, "count": len(all_stages), "name": cur.name, "resolution": cur.resolution,
+                "kind": cur.kind, "alpha": cur.alpha(nimg), "start_kimg": cur.start / 1000,
+                "end_kimg": cur.end / 1000, "progress": min(max((nimg - cur.start) / cur.nimg, 0.0), 1.0)}
+    if st.stage is not None:
+        return {"index": st.stage_index, "count": None, "name": st.stage, "resolution": None, "kind": None,
+                "alpha": None, "progress": None}
+    return None
 
-    # Throughput: the last ticks overall, and per resolution (what the ETA uses).
+
+def _speed(ticks: list[dict[str, Any]], rates: dict[int, float], now: float) -> dict[str, Any]:
+    """Throughput: over the last ticks, per resolution (``rates``, what the ETA uses), and the last tick itself."""
     recent = [float(t["img_per_s"]) for t in ticks[-RATE_TICKS:] if _finite(t.get("img_per_s")) and t["img_per_s"] > 0]
-    # Harmonic mean: images over time for ticks of equal images (one quick tick does not lift it much).
-    out["img_per_s"] = len(recent) / sum(1 / r for r in recent) if recent else None
-    out["img_per_s_ticks"] = len(recent)
-    rates = measured_rates(ticks)
-    out["img_per_s_by_resolution"] = {str(k): v for k, v in sorted(rates.items())}
-    out["last_tick"] = None if last_tick is None else {
-        "nimg": last_tick.get("nimg"), "time": last_tick.get("time"),
-        "age_s": now - last_tick["time"] if _finite(last_tick.get("time")) else None,
-        **{k: last_tick.get(k) for k in ("loss_G", "loss_D", "gp", "img_per_s")}}
+    last_tick = ticks[-1] if ticks else None
+    return {
+        # Harmonic mean: images over time for ticks of equal images (one quick tick does not lift it much).
+        "img_per_s": len(recent) / sum(1 / r for r in recent) if recent else None,
+        "img_per_s_ticks": len(recent),
+        "img_per_s_by_resolution": {str(k): v for k, v in sorted(rates.items())},
+        "last_tick": None if last_tick is None else {
+            "nimg": last_tick.get("nimg"), "time": last_tick.get("time"),
+            "age_s": now - last_tick["time"] if _finite(last_tick.get("time")) else None,
+            **{k: last_tick.get(k) for k in ("loss_G", "loss_D", "gp", "img_per_s")}},
+    }
 
-    # ETA: none once completed; a stopped or failed run gets the time it would take if resumed.
+
+def _eta(view: RunView, all_stages: list[Any], ends: list[dict[str, Any]], nimg: int, total: int,
+         rates: dict[int, float]) -> dict[str, Any]:
+    """The ETA: none once completed; a stopped or failed run gets the time it would take if resumed."""
+    st = view.state
     if st.state == "completed" or (total and nimg >= total and len(ends) >= len(all_stages) > 0):
-        out["eta"] = {"eta_s": 0.0, "train_s": 0.0, "overhead_s": 0.0, "estimated_resolutions": []}
+        eta: dict[str, Any] = {"eta_s": 0.0, "train_s": 0.0, "overhead_s": 0.0, "estimated_resolutions": []}
     elif all_stages:
         evaluated = {r["stage_index"] for r in ends if isinstance(r.get("stage_index"), int)}
-        out["eta"] = estimate_eta(all_stages, nimg, rates, cfg.model, stage_overhead_s(ends), evaluated)
+        eta = estimate_eta(all_stages, nimg, rates, view.config.model, stage_overhead_s(ends), evaluated)
     else:
-        out["eta"] = {"eta_s": None, "why": view.config_problem or "no schedule"}
-    out["eta"]["if_resumed"] = st.state in ("failed", "stopped")
-    out["eta_s"] = out["eta"]["eta_s"]
+        eta = {"eta_s": None, "why": view.config_problem or "no schedule"}
+    eta["if_resumed"] = st.state in ("failed", "stopped")
+    return eta
 
-    # Checkpoints.
+
+def _checkpoint(view: RunView, now: float) -> dict[str, Any] | None:
+    """The newest committed checkpoint (None when there is none yet)."""
+    if not view.checkpoints:
+        return None
     meta = view.checkpoint_meta
     written = meta.get("written_at")
-    out["checkpoint"] = None if not view.checkpoints else {
-        "nimg": view.checkpoints[-1], "kimg": view.checkpoints[-1] / 1000, "count": len(view.checkpoints),
-        "stage": meta.get("stage"), "size": meta.get("size"),
-        "written_at": written, "age_s": now - written if _finite(written) else None,
-        "url": join(view.run_url, "checkpoints", f"ckpt-{view.checkpoints[-1]:012d}")}
+    return {"nimg": view.checkpoints[-1], "kimg": view.checkpoints[-1] / 1000, "count": len(view.checkpoints),
+            "stage": meta.get("stage"), "size": meta.get("size"),
+            "written_at": written, "age_s": now - written if _finite(written) else None,
+            "url": join(view.run_url, "checkpoints", f"ckpt-{view.checkpoints[-1]:012d}")}
 
-    # Failures recovered from, and the driver's lives.
+
+def _failures(view: RunView, ticks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Failures recovered from (worker restarts, non-finite steps, preemptions, checkpoint retries), the driver's
+    lives."""
+    st = view.state
     nonfinite = max([int(st.nonfinite_steps or 0)] + [int(t["nonfinite_total"]) for t in ticks
                                                       if _finite(t.get("nonfinite_total"))])
-    out["worker_restarts"] = int(st.worker_restarts or 0)
-    out["nonfinite_steps"] = nonfinite
-    out["preemptions"] = _extra(view, "preemptions")
-    out["checkpoint_retries"] = max([0] + [int(t["checkpoint_retries"]) for t in ticks
-                                           if _finite(t.get("checkpoint_retries"))])
-    out["lives"] = [{k: life.get(k) for k in ("id", "host", "pid", "started")} for life in st.lives]
-    out["driver_lives"] = len(st.lives)
-    out["swd"] = swd_summary(ends, baseline)
-    out["stages"] = [_stage_row(s, nimg, ends, rates) for s in all_stages]
-    out["samples"] = sorted(view.samples)
-    return out
+    return {
+        "worker_restarts": int(st.worker_restarts or 0),
+        "nonfinite_steps": nonfinite,
+        "preemptions": _extra(view, "preemptions"),
+        "checkpoint_retries": max([0] + [int(t["checkpoint_retries"]) for t in ticks
+                                         if _finite(t.get("checkpoint_retries"))]),
+        "lives": [{k: life.get(k) for k in ("id", "host", "pid", "started")} for life in st.lives],
+        "driver_lives": len(st.lives),
+    }
 
 
 def _extra(view: RunView, key: str) -> Any:
@@ -377,52 +407,14 @@ def swd_table_text(swd: dict[str, Any], kd: int = 1) -> list[str]:
 def format_status(s: dict[str, Any]) -> str:
     """The human-readable status (what `status` prints)."""
     kd = 1 if (s["total_kimg"] or 0) >= 10 else 3  # kimg decimals: tiny test runs have stages of 0.1 kimg
-    lines = [f"run        {s['run_name']}  ({s['run_url']})"]
-    state = s["state"]
-    if s["lives"]:
-        life = s["lives"][-1]
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(life["started"])) \
-            if _finite(life.get("started")) else "?"
-        state += f"  (driver life {len(s['lives'])}, host {life.get('host')}, started {started})"
-    lines.append(f"state      {state}")
+    lines = [f"run        {s['run_name']}  ({s['run_url']})", f"state      {_state_text(s)}"]
     if s["message"]:
         lines.append(f"message    {s['message']}")
-    st = s["stage"]
-    if st and st.get("count"):
-        phase = (f"stage {st['index'] + 1}/{st['count']} {st['name']}: {st['resolution']}x{st['resolution']} "
-                 f"{'fade-in' if st['kind'] == 'fade' else 'stable'}, alpha {st['alpha']:.3f}, "
-                 f"{100 * st['progress']:.0f}% of {st['start_kimg']:.{kd}f}..{st['end_kimg']:.{kd}f} kimg")
-        lines.append(f"phase      {phase}")
-    elif st:
-        lines.append(f"phase      {st['name']}")
+    lines += _phase_lines(s["stage"], kd)
     pct = f" ({100 * s['progress']:.1f}%)" if s["progress"] is not None else ""
     lines.append(f"progress   {s['kimg']:.{kd}f} / {s['total_kimg']:.{kd}f} kimg{pct}")
-    if s["img_per_s"] is not None:
-        speed = f"{s['img_per_s']:.1f} img/s over the last {s['img_per_s_ticks']} ticks"
-        lt = s["last_tick"]
-        if lt and lt.get("age_s") is not None:
-            speed += f" (last tick {fmt_duration(lt['age_s'])} ago)"
-        lines.append(f"speed      {speed}")
-        by = ", ".join(f"{r}x{r} {v:.0f}" for r, v in ((int(k), v) for k, v in s["img_per_s_by_resolution"].items()))
-        lines.append(f"img/s      by resolution: {by}")
-    else:
-        lines.append("speed      no ticks recorded yet")
-    eta = s["eta"]
-    if s["state"] == "completed":
-        lines.append("ETA        done")
-    elif eta.get("eta_s") is not None:
-        text = f"{fmt_duration(eta['eta_s'])} (training {fmt_duration(eta['train_s'])}"
-        if eta.get("overhead_s"):
-            text += f" + stage ends {fmt_duration(eta['overhead_s'])}"
-        text += ")"
-        if eta.get("estimated_resolutions"):
-            ests = ", ".join(f"{r}x{r}" for r in eta["estimated_resolutions"])
-            text += f"; {ests} estimated from {eta['estimated_from']}x{eta['estimated_from']} by network cost"
-        if eta.get("if_resumed"):
-            text += f"; if resumed (the run is {s['state']})"
-        lines.append(f"ETA        {text}")
-    else:
-        lines.append(f"ETA        unknown ({eta.get('why', '')})")
+    lines += _speed_lines(s)
+    lines.append(f"ETA        {_eta_text(s)}")
     lt = s["last_tick"]
     if lt:
         lines.append(f"losses     G {_num(lt.get('loss_G'), '+.4f')}  D {_num(lt.get('loss_D'), '+.4f')}  "
@@ -433,18 +425,77 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"checkpoint ckpt-{ck['nimg']:012d} at {ck['kimg']:.{kd}f} kimg{age} ({ck['count']} kept)")
     else:
         lines.append("checkpoint none yet")
-    fail = f"worker restarts {s['worker_restarts']}, non-finite steps {s['nonfinite_steps']}"
-    if s.get("preemptions") is not None:
-        fail += f", preemptions {s['preemptions']}"
-    if s.get("checkpoint_retries"):
-        fail += f", checkpoint retries {s['checkpoint_retries']}"
-    fail += f", driver lives {s['driver_lives']}"
-    lines.append(f"failures   {fail}")
+    lines.append(f"failures   {_failures_text(s)}")
     if s.get("config_problem"):
         lines.append(f"note       {s['config_problem']}")
     lines.append("")
     lines += swd_table_text(s["swd"], kd)
     return "\n".join(lines)
+
+
+def _state_text(s: dict[str, Any]) -> str:
+    """The state, with the current driver life (its number, host and start) where the run records one."""
+    state = s["state"]
+    if s["lives"]:
+        life = s["lives"][-1]
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(life["started"])) \
+            if _finite(life.get("started")) else "?"
+        state += f"  (driver life {len(s['lives'])}, host {life.get('host')}, started {started})"
+    return state
+
+
+def _phase_lines(st: dict[str, Any] | None, kd: int) -> list[str]:
+    """The phase line: stage n/N, resolution, fade-in or stable, alpha and progress (just the name without a
+    schedule; nothing without a stage)."""
+    if st and st.get("count"):
+        phase = (f"stage {st['index'] + 1}/{st['count']} {st['name']}: {st['resolution']}x{st['resolution']} "
+                 f"{'fade-in' if st['kind'] == 'fade' else 'stable'}, alpha {st['alpha']:.3f}, "
+                 f"{100 * st['progress']:.0f}% of {st['start_kimg']:.{kd}f}..{st['end_kimg']:.{kd}f} kimg")
+        return [f"phase      {phase}"]
+    if st:
+        return [f"phase      {st['name']}"]
+    return []
+
+
+def _speed_lines(s: dict[str, Any]) -> list[str]:
+    """img/s over the last ticks (and the last tick's age), then img/s per resolution."""
+    if s["img_per_s"] is None:
+        return ["speed      no ticks recorded yet"]
+    speed = f"{s['img_per_s']:.1f} img/s over the last {s['img_per_s_ticks']} ticks"
+    lt = s["last_tick"]
+    if lt and lt.get("age_s") is not None:
+        speed += f" (last tick {fmt_duration(lt['age_s'])} ago)"
+    by = ", ".join(f"{r}x{r} {v:.0f}" for r, v in ((int(k), v) for k, v in s["img_per_s_by_resolution"].items()))
+    return [f"speed      {speed}", f"img/s      by resolution: {by}"]
+
+
+def _eta_text(s: dict[str, Any]) -> str:
+    """The ETA: done, the time left (training + stage ends, which resolutions are estimated), or why unknown."""
+    eta = s["eta"]
+    if s["state"] == "completed":
+        return "done"
+    if eta.get("eta_s") is None:
+        return f"unknown ({eta.get('why', '')})"
+    text = f"{fmt_duration(eta['eta_s'])} (training {fmt_duration(eta['train_s'])}"
+    if eta.get("overhead_s"):
+        text += f" + stage ends {fmt_duration(eta['overhead_s'])}"
+    text += ")"
+    if eta.get("estimated_resolutions"):
+        ests = ", ".join(f"{r}x{r}" for r in eta["estimated_resolutions"])
+        text += f"; {ests} estimated from {eta['estimated_from']}x{eta['estimated_from']} by network cost"
+    if eta.get("if_resumed"):
+        text += f"; if resumed (the run is {s['state']})"
+    return text
+
+
+def _failures_text(s: dict[str, Any]) -> str:
+    """Worker restarts, non-finite steps, preemptions and checkpoint retries where recorded, driver lives."""
+    fail = f"worker restarts {s['worker_restarts']}, non-finite steps {s['nonfinite_steps']}"
+    if s.get("preemptions") is not None:
+        fail += f", preemptions {s['preemptions']}"
+    if s.get("checkpoint_retries"):
+        fail += f", checkpoint retries {s['checkpoint_retries']}"
+    return fail + f", driver lives {s['driver_lives']}"
 
 
 # ---- the command --------------------------------------------------------------------------------
