@@ -470,6 +470,33 @@ def _stop_handler(cfg: RunConfig, trials: list[dict[str, Any]], hub: Any, contro
         signal.signal(signal.SIGTERM, handler)
 
 
+def _tuner(cfg: RunConfig, trials: list[dict[str, Any]]) -> Any:
+    """The Tuner: one grid point per trial, ASHA rungs at stage ends, trial actors holding no CPU."""
+    scheduler = None
+    if cfg.sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # Rungs at stage ends: results come only at stage ends with SWD; the first rung is the first of them.
+        ends = [st.end for st in stages(cfg) if st.resolution >= 8]
+        scheduler = ASHAScheduler(time_attr="nimg", grace_period=ends[0], max_t=ends[-1],
+                                  reduction_factor=cfg.sweep.reduction_factor)
+    # A trial's own actor holds no CPU: the CPUs belong to its Train workers (else small clusters deadlock).
+    trainable = tune.with_resources(tune.with_parameters(PgganTrial, base=cfg.to_json(), control=control_name(cfg)),
+                                    {"cpu": 0, "memory": 64 * 1024 * 1024})
+    local = os.path.join(os.path.expanduser("~"), "ray_results", "pggan-sweeps")
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(metric="swd_avg", mode="min", num_samples=1, scheduler=scheduler,
+                                    max_concurrent_trials=cfg.sweep.max_concurrent,
+                                    trial_name_creator=lambda t: t.config["trial"]["name"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]["name"]),
+        # Tune's own records stay local (the run directories hold everything); a fresh name per driver life.
+        run_config=tune.RunConfig(name=f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=local,
+                                  verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
 def run_sweep(cfg: RunConfig, address: str | None = None) -> int:
     check_sweep(cfg)
     trials = expand_trials(cfg)
@@ -489,30 +516,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None) -> int:
     ray.get(control.is_stopping.remote())
     _stop_handler(cfg, trials, hub, control)
 
-    scheduler = None
-    if cfg.sweep.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        # Rungs at stage ends: results come only at stage ends with SWD; the first rung is the first of them.
-        ends = [st.end for st in stages(cfg) if st.resolution >= 8]
-        scheduler = ASHAScheduler(time_attr="nimg", grace_period=ends[0], max_t=ends[-1],
-                                  reduction_factor=cfg.sweep.reduction_factor)
-    # A trial's own actor holds no CPU: the CPUs belong to its Train workers (else small clusters deadlock).
-    trainable = tune.with_resources(tune.with_parameters(PgganTrial, base=cfg.to_json(), control=control_name(cfg)),
-                                    {"cpu": 0, "memory": 64 * 1024 * 1024})
-    local = os.path.join(os.path.expanduser("~"), "ray_results", "pggan-sweeps")
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(metric="swd_avg", mode="min", num_samples=1, scheduler=scheduler,
-                                    max_concurrent_trials=cfg.sweep.max_concurrent,
-                                    trial_name_creator=lambda t: t.config["trial"]["name"],
-                                    trial_dirname_creator=lambda t: t.config["trial"]["name"]),
-        # Tune's own records stay local (the run directories hold everything); a fresh name per driver life.
-        run_config=tune.RunConfig(name=f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=local,
-                                  verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    results = tuner.fit()
+    results = _tuner(cfg, trials).fit()
     errors = {}
     for r in results:
         if r.error is not None and r.config:
