@@ -273,15 +273,10 @@ class LocalKubeRayCluster:
             time.sleep(0.5)
 
     def kill_node(self, name: str) -> None:
-        """Lose a node at once, as when its pod or VM goes: SIGKILL to its raylet and every process it started."""
-        import signal
-
-        proc = self.nodes.pop(name)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        """Lose a node at once, as when its pod or VM goes: SIGKILL to its raylet and every process it started
+        (Ray starts worker processes in process groups of their own, so the node's group alone would leave them
+        running until they notice their raylet is gone)."""
+        _kill_tree(self.nodes.pop(name))
 
     def alive_node_ids(self) -> list[str]:
         from ray.util.state import list_nodes
@@ -311,6 +306,7 @@ class LocalKubeRayCluster:
         import time
 
         procs = [*self.nodes.values(), *([self.head] if self.head is not None else [])]
+        descendants = [d for p in procs for d in _descendants(p.pid)]
         for sig in (signal.SIGTERM, signal.SIGKILL):  # TERM lets ray clean up; KILL reaps whatever is left
             for p in procs:
                 try:
@@ -323,10 +319,41 @@ class LocalKubeRayCluster:
                 except subprocess.TimeoutExpired:
                     pass
             time.sleep(1)
+        for d in descendants:  # worker processes left in groups of their own
+            try:
+                d.kill()
+            except Exception:  # noqa: BLE001 - gone already
+                pass
         for log in self._logs:
             log.close()
         for temp in self.node_temps:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[Any]:
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_tree(proc: Any) -> None:
+    """SIGKILL a `ray start` process, its process group and every process below it, all at once."""
+    import signal
+
+    for d in _descendants(proc.pid):
+        try:
+            d.send_signal(signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

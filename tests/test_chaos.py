@@ -194,9 +194,10 @@ def test_a_preemption_notice_takes_a_just_in_time_checkpoint_and_the_restart_is_
         kuberay_cluster, s3_bucket, tmp_path, jobs):
     endpoint, bucket = s3_bucket
     port = free_port()
-    deadline_s = 12
-    # One long 4x4 stage; regular checkpoints every 1024 images, so the just-in-time one stands apart.
-    cfg = tiny("preempt", endpoint, bucket, model={"max_resolution": 4}, schedule={"stable_kimg": 6.144},
+    deadline_s = 8
+    # One long 4x4 stage (12k images: it must outlast the notice and the deadline even at 600 img/s); regular
+    # checkpoints every 1024 images, so the just-in-time one stands apart.
+    cfg = tiny("preempt", endpoint, bucket, model={"max_resolution": 4}, schedule={"stable_kimg": 12.288},
                checkpoint={"every_kimg": 1.024}, metrics={"port": port, "swd_images": 0},
                cluster={"max_failures": 0})  # a failure would end the run: the preemption must not count as one
     total = schedule_total(cfg)
