@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from drill_support import RunDir, alive_actors
+from drill_support import Driver, RunDir, alive_actors, submit_cmd
 from tiny import tiny_config
 
 FIGURES_DIR = Path("/tmp/drills")
@@ -102,3 +103,24 @@ def ticks_gap(ticks: list[dict[str, Any]]) -> int:
     """The smallest step between consecutive tick image counts (the tick length)."""
     gaps = [b["nimg"] - a["nimg"] for a, b in zip(ticks, ticks[1:]) if b["nimg"] > a["nimg"]]
     return min(gaps, default=0)
+
+
+@pytest.fixture
+def jobs(kuberay_cluster, tmp_path, request):
+    """Starts `ray job submit` processes on the KubeRay-shaped cluster; kills any still running at the end (only
+    those started here) and keeps each job's log under /tmp/drills/logs/<test>/."""
+    started: list[Driver] = []
+
+    def start(cfg_file: Any, label: str = "job") -> Driver:
+        d = Driver(submit_cmd(kuberay_cluster.dashboard, cfg_file), kuberay_cluster.env,
+                   tmp_path / f"{label}-{len(started)}.log")
+        started.append(d)
+        return d
+
+    yield start
+    logs = FIGURES_DIR / "logs" / request.node.name[:80]
+    logs.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(started):
+        if d.alive():
+            d.kill_group()
+        (logs / f"job-{i}.log").write_text(" ".join(d.cmd) + "\n" + d.text(with_time=True))

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from cluster_support import (FIGURES_DIR, actor_nodes, assert_every_checkpoint_loads, record_figures, records,
+from cluster_support import (jobs, actor_nodes, assert_every_checkpoint_loads, record_figures, records,
                              recoveries, schedule_total, tiny, write_cfg)
 from conftest import free_port
-from drill_support import Driver, MetricsPoller, RunDir, submit_cmd, train_worker_pids, wait_until
+from drill_support import Driver, MetricsPoller, RunDir, train_worker_pids, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,26 +35,6 @@ RUN_TIMEOUT = 480
 SEEDS = [int(s) for s in os.environ.get("PGGAN_CHAOS_SEEDS", "1117,2029").split(",")]
 CKPT = 256  # checkpoint.every_kimg of the chaos run, in images
 PROGRESS = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\)(?:\x1b\[\d*m)? \[\d\d-\d+-\w+\] res")  # rank 0's
-
-
-@pytest.fixture
-def jobs(kuberay_cluster, tmp_path, request):
-    """Starts `ray job submit` processes; kills any still running at the end (only those started here)."""
-    started: list[Driver] = []
-
-    def start(cfg_file: Any) -> Driver:
-        d = Driver(submit_cmd(kuberay_cluster.dashboard, cfg_file), kuberay_cluster.env,
-                   tmp_path / f"job-{len(started)}.log")
-        started.append(d)
-        return d
-
-    yield start
-    logs = FIGURES_DIR / "logs" / request.node.name[:80]
-    logs.mkdir(parents=True, exist_ok=True)
-    for i, d in enumerate(started):
-        if d.alive():
-            d.kill_group()
-        (logs / f"job-{i}.log").write_text(" ".join(d.cmd) + "\n" + d.text(with_time=True))
 
 
 class Chaos:

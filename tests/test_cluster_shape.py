@@ -10,34 +10,14 @@ import time
 
 import pytest
 
-from cluster_support import (FIGURES_DIR, actor_nodes, assert_every_checkpoint_loads, record_figures, records,
+from cluster_support import (jobs, actor_nodes, assert_every_checkpoint_loads, record_figures, records,
                              recoveries, schedule_total, tiny, write_cfg)
 from conftest import free_port
-from drill_support import Driver, MetricsPoller, RunDir, submit_cmd, wait_until
+from drill_support import MetricsPoller, RunDir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUN_TIMEOUT = 420
-
-
-@pytest.fixture
-def jobs(kuberay_cluster, tmp_path, request):
-    """Starts `ray job submit` processes; kills any still running at the end (only those started here)."""
-    started: list[Driver] = []
-
-    def start(cfg_file, label: str = "job") -> Driver:
-        d = Driver(submit_cmd(kuberay_cluster.dashboard, cfg_file), kuberay_cluster.env,
-                   tmp_path / f"{label}-{len(started)}.log")
-        started.append(d)
-        return d
-
-    yield start
-    logs = FIGURES_DIR / "logs" / request.node.name[:80]
-    logs.mkdir(parents=True, exist_ok=True)
-    for i, d in enumerate(started):
-        if d.alive():
-            d.kill_group()
-        (logs / f"job-{i}.log").write_text(" ".join(d.cmd) + "\n" + d.text(with_time=True))
 
 
 def test_training_and_evaluation_run_on_the_worker_nodes_while_the_driver_and_the_exporter_stay_on_the_head(
