@@ -112,6 +112,7 @@ class StageMachine:
         self.ticks: list[dict[str, Any]] = []
         self.latest: dict[str, Any] = {}
         self.fatal: str | None = None
+        self.storage_failed = False  # the run ended because storage stayed unavailable
         self.fit_start: float | None = None
         self.prev_restarts = state.worker_restarts
         self.prev_preemptions = state.preemptions
@@ -223,7 +224,8 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
         _best_effort(lambda: machine.fail(str(e), None))
         _linger(cfg, port)
         raise
-    _best_effort(lambda: say(f"report: {_write_report(storage, run_url)}"), "the training report")
+    if not machine.storage_failed:  # with storage down the report cannot be written either
+        _best_effort(lambda: say(f"report: {_write_report(storage, run_url)}"), "the training report")
     _linger(cfg, port)
     return code
 
@@ -294,6 +296,7 @@ def _train(cfg: RunConfig, storage: Storage, run_url: str, machine: StageMachine
         print(f"error: {e.message}", file=sys.stderr, flush=True)
         return 1
     except StorageUnavailable as e:
+        machine.storage_failed = True
         msg = (f"storage unavailable: {e}. The run stopped; nothing half-written counts as a checkpoint. Run the "
                "same command again when storage is back to resume from the last complete checkpoint")
         _best_effort(lambda: machine.fail(msg, None))
@@ -330,7 +333,7 @@ def _failure_message(e: BaseException, machine: StageMachine) -> str:
     """A plain message for a failed fit, from the failure's type: Ray Train wraps what a worker raised
     (WorkerGroupError.worker_failures) or what stopped the controller (ControllerError.controller_failure)."""
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+    from ray.train.v2.api.exceptions import ControllerError
 
     from .hub import WorkersUnplaceable
 
@@ -342,17 +345,31 @@ def _failure_message(e: BaseException, machine: StageMachine) -> str:
         return (f"{where}: the cluster could not place {machine.cfg.cluster.num_workers} worker(s) within "
                 f"cluster.start_timeout_s ({machine.cfg.cluster.start_timeout_s:g} s): ask for fewer workers "
                 f"(cluster.num_workers), fewer CPUs/GPUs per worker, or a bigger cluster")
-    roots = list(e.worker_failures.values()) if isinstance(e, WorkerGroupError) else \
-        [e.controller_failure] if isinstance(e, ControllerError) else [e]
-    root = roots[0] if roots else e
-    while getattr(root, "__cause__", None) is not None:
-        root = root.__cause__
-    if isinstance(root, StorageUnavailable) or type(root).__name__ == "StorageUnavailable":
+    root = _root_error(e)
+    if _is_storage_failure(root):
+        machine.storage_failed = True
         return (f"{where}: {str(root).strip().splitlines()[-1] if str(root).strip() else 'storage unavailable'}; "
                 "storage stayed unavailable past storage.retry_max_wait_s. Nothing half-written counts as a "
                 "checkpoint: run the same command again when storage is back")
     text = str(root).strip()
     return f"{where}: {type(root).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
+
+
+def _root_error(e: BaseException) -> BaseException:
+    """What a worker raised (WorkerGroupError.worker_failures) or stopped the controller, to its first cause."""
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    roots = list(e.worker_failures.values()) if isinstance(e, WorkerGroupError) else \
+        [e.controller_failure] if isinstance(e, ControllerError) else [e]
+    root = roots[0] if roots else e
+    while getattr(root, "__cause__", None) is not None:
+        root = root.__cause__
+    return root
+
+
+def _is_storage_failure(root: BaseException) -> bool:
+    # The worker's StorageUnavailable arrives as Ray's dual-inheritance copy of it: a subclass, or the same name.
+    return isinstance(root, StorageUnavailable) or type(root).__name__ == "StorageUnavailable"
 
 
 def _reconcile_history(storage: Storage, run_url: str, all_stages: list[Stage]) -> None:
