@@ -222,11 +222,11 @@ def run_training(cfg: RunConfig, address: str | None = None, fresh: bool = False
         code = _train(cfg, storage, run_url, machine, nimg, stop)
     except UserError as e:  # a bad dataset found while preparing it: exported and alerted like any failure
         _best_effort(lambda: machine.fail(str(e), None))
-        _linger(cfg, port)
+        linger(cfg, port)
         raise
     if not machine.storage_failed:  # with storage down the report cannot be written either
         _best_effort(lambda: say(f"report: {_write_report(storage, run_url)}"), "the training report")
-    _linger(cfg, port)
+    linger(cfg, port)
     return code
 
 
@@ -388,7 +388,7 @@ def _reconcile_history(storage: Storage, run_url: str, all_stages: list[Stage]) 
     append_records(storage, run_url, missing)
 
 
-def _linger(cfg: RunConfig, port: int | None) -> None:
+def linger(cfg: RunConfig, port: int | None) -> None:
     """Keep the exporter up a little after the run ends, so Prometheus scrapes its final state."""
     if not port or not cfg.metrics.linger_s:
         return

@@ -36,7 +36,7 @@ import ray  # 1. Ray core
 from ray import tune  # 2. Ray Tune: Tuner, Trainable, schedulers
 
 from .config import RunConfig, apply_sets, from_json
-from .driver import init_ray, run_training, run_url_of
+from .driver import init_ray, linger, run_training, run_url_of
 from .errors import UserError
 from .history import read_records
 from .hub import call, get_hub
@@ -532,7 +532,5 @@ def run_sweep(cfg: RunConfig, address: str | None = None) -> int:
         say(f"best: {best['trial']} {json.dumps(best['params'], sort_keys=True)}  SWD x1e3 avg "
             f"{best['swd_avg']:.2f} at {best['swd_kimg']:g} kimg; config {paths['best']}")
     say(f"results {paths['results']}, plot {paths['plot']}; sweep took {time.perf_counter() - t0:.0f} s")
-    if port and cfg.metrics.linger_s:
-        say(f"metrics stay up for {cfg.metrics.linger_s:g} s (metrics.linger_s) so Prometheus sees the final states")
-        time.sleep(cfg.metrics.linger_s)
+    linger(cfg, port)
     return 0 if best else 1
