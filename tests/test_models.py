@@ -22,7 +22,7 @@ from pggan.models import (
     build_networks,
     num_channels,
 )
-from pggan.models.layers import conv2d, input_grads_only, lrelu
+from pggan.models.layers import conv2d, downsample_kernel, input_grads_only, lrelu, upsample_kernel
 
 torch.set_num_threads(2)
 
@@ -176,6 +176,41 @@ def test_fused_resampling_conv_equals_the_unfused_one(fused_cls):
     else:
         ref = F.avg_pool2d(F.conv2d(x, w, padding=1), 2) + fused.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["up", "down"])
+def test_fused_kernels_derived_in_nhwc_equal_the_nchw_ones(kernel):
+    # set_memory_format(channels_last) derives the 4x4 kernels straight into the layout the convolution uses.
+    torch.manual_seed(3)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    derive = upsample_kernel if kernel == "up" else downsample_kernel
+    nchw, nhwc = derive(w), derive(w, channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    torch.testing.assert_close(nhwc, nchw, rtol=0, atol=1e-15)
+    up = torch.randn_like(nchw)
+    g1, = torch.autograd.grad((nchw * up).sum(), w)
+    g2, = torch.autograd.grad((nhwc * up).sum(), w)
+    torch.testing.assert_close(g2, g1, rtol=0, atol=1e-14)
+
+
+def test_networks_in_nhwc_compute_what_they_compute_in_nchw():
+    g1, d1 = _tiny(fused=True, dtype=torch.float64)
+    g2, d2 = _tiny(fused=True, dtype=torch.float64)
+    g2.load_state_dict(g1.state_dict())
+    d2.load_state_dict(d1.state_dict())
+    g2.set_memory_format(torch.channels_last)
+    d2.set_memory_format(torch.channels_last)
+    assert g2.blocks["8"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert d2.blocks["8"].conv0.weight.is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(4, 8, dtype=torch.float64)
+    for res, alpha in [(8, 1.0), (16, 0.4)]:
+        img1, img2 = g1(z, res, alpha), g2(z, res, alpha)
+        torch.testing.assert_close(img2, img1, rtol=1e-12, atol=1e-12)
+        x = img1.detach().contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(d2(x, res, alpha), d1(img1.detach(), res, alpha), rtol=1e-12, atol=1e-12)
+    # Same names, shapes and values either way: checkpoints load across layouts.
+    sd1, sd2 = g1.state_dict(), g2.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
 
 
 def test_fused_networks_equal_unfused_networks():

@@ -326,6 +326,30 @@ def test_state_dict_loads_with_weights_only_and_resumes_exactly():
     _assert_states_close(resumed.state_dict(), tr.state_dict(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("saved_cl,loaded_cl", [(True, False), (False, True)])
+def test_a_checkpoint_resumes_under_the_other_memory_layout(saved_cl, loaded_cl):
+    # Weights and Adam moments are stored in the layout of the activations (NHWC with channels_last). Fused
+    # Adam walks parameter, gradient and moments as flat memory: a moment loaded in the other layout must be
+    # laid out again, or it is updated at the wrong elements.
+    tr = _trainer(options=StepOptions(channels_last=saved_cl))
+    for i in range(2):
+        tr.train_step(_reals(8, 8, seed=i), 8, 0.5)
+    buf = io.BytesIO()
+    torch.save(tr.state_dict(), buf)
+    tr.train_step(_reals(8, 8, seed=9), 8, 0.5)
+    buf.seek(0)
+    resumed = _trainer(options=StepOptions(channels_last=loaded_cl))
+    assert resumed.opt_D.defaults.get("fused")  # the case that needs the layouts to agree
+    conv = resumed.D.blocks["8"].conv0.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last if loaded_cl else torch.contiguous_format)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for opt in (resumed.opt_G, resumed.opt_D):
+        for p, st in opt.state.items():
+            assert st["exp_avg"].stride() == p.stride() and st["exp_avg_sq"].stride() == p.stride()
+    resumed.train_step(_reals(8, 8, seed=9), 8, 0.5)
+    _assert_states_close(resumed.state_dict(), tr.state_dict(), rtol=1e-7, atol=1e-9)
+
+
 def test_speed_levers_do_not_change_the_math():
     reference = _trainer()
     variants = [_trainer(options=StepOptions(no_grad_fakes=False, freeze_d_in_g_step=False,

@@ -193,24 +193,47 @@ def _kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Te
     return basis.reshape(9, 16).to(device, dtype)
 
 
-def upsample_kernel(w: torch.Tensor) -> torch.Tensor:
+def upsample_kernel(w: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """The conv_transpose2d kernel [in, out, 4, 4] equal to nearest-2x-upsample followed by a 3x3 conv.
 
     Output pixel 2a+d (d in {0, 1}) of upsample+conv sees input pixels a-1, a, a+1 through taps that pair
     up: the 4x4 kernel is :func:`shift_sum` of the 3x3 one. conv_transpose2d scatters with the kernel
     un-flipped, so the summed kernel is flipped in both spatial axes, and its layout is [in, out, kh, kw]
-    (transposed from conv2d's).
+    (transposed from conv2d's). ``channels_last``: the kernel is written in that layout (the one the
+    convolution uses with NHWC activations), so no copy per call converts it.
     """
     o, i = w.shape[:2]
-    k = (w.reshape(o * i, 9) @ _kernel_map("up", w.device, w.dtype)).view(o, i, 4, 4)
+    m = _kernel_map("up", w.device, w.dtype)                      # [9, 16]
+    if channels_last:
+        k = torch.matmul(m.t(), w.reshape(o, i, 9).permute(1, 2, 0))  # [in, 16, out]
+        return k.view(i, 4, 4, o).permute(0, 3, 1, 2)             # [in, out, 4, 4], channels_last strides
+    k = (w.reshape(o * i, 9) @ m).view(o, i, 4, 4)
     return k.transpose(0, 1)                                       # [in, out, 4, 4]
 
 
-def downsample_kernel(w: torch.Tensor) -> torch.Tensor:
+def downsample_kernel(w: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """The stride-2 conv2d kernel [out, in, 4, 4] equal to a 3x3 conv followed by 2x2 average pooling:
-    :func:`shift_sum` / 4 (no flip: conv2d correlates, as the 3x3 conv does)."""
+    :func:`shift_sum` / 4 (no flip: conv2d correlates, as the 3x3 conv does). ``channels_last`` as for
+    :func:`upsample_kernel`."""
     o, i = w.shape[:2]
-    return (w.reshape(o * i, 9) @ _kernel_map("down", w.device, w.dtype)).view(o, i, 4, 4)
+    m = _kernel_map("down", w.device, w.dtype)                    # [9, 16]
+    if channels_last:
+        k = torch.matmul(m.t(), w.reshape(o, i, 9).transpose(1, 2))  # [out, 16, in]
+        return k.view(o, 4, 4, i).permute(0, 3, 1, 2)             # [out, in, 4, 4], channels_last strides
+    return (w.reshape(o * i, 9) @ m).view(o, i, 4, 4)
+
+
+def set_memory_format(module: nn.Module, memory_format: torch.memory_format) -> None:
+    """Lay out a network's convolution weights as its activations will be (``torch.channels_last`` or
+    ``torch.contiguous_format``). With NHWC activations and NCHW weights every convolution converts its
+    weight, every weight gradient is converted back, and on CPU the transposed convolution takes a slower
+    path: the 3x3 and 1x1 weights are stored NHWC instead, and the fused 4x4 kernels derived in NHWC.
+    Values, parameter names and shapes do not change, so checkpoints load either way."""
+    for m in module.modules():
+        if isinstance(m, EqualizedConv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
+        elif isinstance(m, _Resampling3x3):
+            m.kernel_channels_last = memory_format == torch.channels_last
 
 
 class _Resampling3x3(nn.Module):
@@ -223,6 +246,7 @@ class _Resampling3x3(nn.Module):
         self.scale = gain / math.sqrt(in_channels * 9)
         self.fused = fused
         self.scale_mode = "operand"
+        self.kernel_channels_last = False  # see set_memory_format
 
 
 class UpConv2d(_Resampling3x3):
@@ -243,9 +267,8 @@ class UpConv2d(_Resampling3x3):
             return _equalized(self._fused, x, self.weight, self.bias, self.scale, self.scale_mode)
         return _equalized(self._unfused, upsample2x(x), self.weight, self.bias, self.scale, self.scale_mode)
 
-    @staticmethod
-    def _fused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return F.conv_transpose2d(x, upsample_kernel(w), b, stride=2, padding=1)
+    def _fused(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv_transpose2d(x, upsample_kernel(w, self.kernel_channels_last), b, stride=2, padding=1)
 
     @staticmethod
     def _unfused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -275,7 +298,7 @@ class ConvDown2d(_Resampling3x3):
         return _equalized(op, x, self.weight, self.bias, self.scale, self.scale_mode)
 
     def _fused(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return conv2d(x, downsample_kernel(w), b, 2, 1, self.fast_double_backward)
+        return conv2d(x, downsample_kernel(w, self.kernel_channels_last), b, 2, 1, self.fast_double_backward)
 
     def _unfused(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         y = F.avg_pool2d(conv2d(x, w, None, 1, 1, self.fast_double_backward), 2)

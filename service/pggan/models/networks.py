@@ -25,6 +25,7 @@ from .layers import (
     UpConv2d,
     downsample2x,
     lrelu,
+    set_memory_format,
     upsample2x,
 )
 from ..resolution import RULE, is_valid, levels
@@ -136,8 +137,10 @@ class Generator(nn.Module):
         self.to_rgb = nn.ModuleDict({str(r): EqualizedConv2d(ch[r], IMG_CHANNELS, 1, gain=1.0) for r in res_list})
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
-        """Feature maps start in this layout (channels_last speeds up CPU and GPU convolutions)."""
+        """Feature maps start in this layout (channels_last speeds up CPU and GPU convolutions), and the
+        convolution weights follow it (:func:`pggan.models.layers.set_memory_format`)."""
         self.blocks["4"].memory_format = memory_format
+        set_memory_format(self, memory_format)
 
     def forward(self, z: torch.Tensor, res: int, alpha: float = 1.0) -> torch.Tensor:
         _check_res(res, self.max_resolution)
@@ -231,6 +234,11 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleDict(blocks)
         self.from_rgb = nn.ModuleDict({str(r): EqualizedConv2d(IMG_CHANNELS, ch[r], 1, fast_double_backward=True)
                                        for r in res_list})
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """The layout the images will come in: the convolution weights follow it
+        (:func:`pggan.models.layers.set_memory_format`)."""
+        set_memory_format(self, memory_format)
 
     def forward(self,
                 img: torch.Tensor,  # [N, 3, res, res]

@@ -296,6 +296,7 @@ class GanTrainer:
         self.G: Generator = G.to(self.device, dtype)
         self.D: Discriminator = D.to(self.device, dtype)
         self.G.set_memory_format(self.memory_format)
+        self.D.set_memory_format(self.memory_format)
         if dist_mode != "local":
             _broadcast_params([*self.G.parameters(), *self.D.parameters()])  # (DDP would, too; G_ema needs it first)
         self.G_ema: Generator = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -550,10 +551,23 @@ class GanTrainer:
         self.reset_optimizers(float(c["lr"]))
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
+        _match_state_layout(self.opt_G)
+        _match_state_layout(self.opt_D)
         self.counters.nimg = int(c["nimg"])
         self.counters.steps = int(c["steps"])
         self.counters.nonfinite_steps = int(c["nonfinite_steps"])
         self.counters.in_row_dev.zero_()
+
+
+@torch.no_grad()
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Lay out each loaded optimizer state tensor as its parameter is (a checkpoint written with another
+    ``channels_last`` setting has the other layout). Fused Adam walks parameter, gradient and moments as flat
+    memory, so a moment in another layout than its parameter would be updated at the wrong elements."""
+    for p, st in opt.state.items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 @torch.no_grad()
