@@ -162,16 +162,25 @@ def ray_cluster(tmp_path_factory, s3_server):
             time.sleep(0.5)
     _wait_for_job_agent(dashboard, deadline=time.monotonic() + 120)
     yield {"address": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env, "temp": temp, "pid": proc.pid}
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # TERM lets ray clean up; KILL reaps whatever is left
+    # TERM lets ray clean up; KILL reaps whatever is left, including worker processes in process groups of
+    # their own. `ray start --block` takes ~30 s to exit on TERM (measured), so the wait is short: the session
+    # is over and its temp dirs go with it.
+    descendants = _descendants(proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=3 if sig == signal.SIGTERM else 20)
         except subprocess.TimeoutExpired:
             pass
         time.sleep(1)
+    for d in descendants:
+        try:
+            d.kill()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
     log.close()
 
 
@@ -315,7 +324,7 @@ class LocalKubeRayCluster:
                     pass
             for p in procs:
                 try:
-                    p.wait(timeout=20)
+                    p.wait(timeout=3 if sig == signal.SIGTERM else 20)  # see ray_cluster's teardown
                 except subprocess.TimeoutExpired:
                     pass
             time.sleep(1)

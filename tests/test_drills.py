@@ -421,7 +421,9 @@ def test_s3_outage_of_30s_during_a_checkpoint_is_retried_counted_and_the_run_com
     endpoint, bucket = s3_bucket
     proxy = TcpProxy.to_url(endpoint)
     port = free_port()
-    cfg = tiny("outage", proxy.url, bucket, metrics={"port": port},
+    # The exporter stays up 15 s past the end (metrics.linger_s, as in production): a run that finishes soon
+    # after the outage still shows its final failure count to a scrape.
+    cfg = tiny("outage", proxy.url, bucket, metrics={"port": port, "linger_s": 15},
                storage={"retry_attempts": 30, "retry_max_wait_s": 240})
     total = schedule_total(cfg)
     run = RunDir(endpoint, bucket, "outage")  # read directly from moto, not through the proxy
