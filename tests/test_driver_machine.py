@@ -149,6 +149,35 @@ def test_restarts_are_counted_by_cause_and_a_placement_timeout_is_made_final(set
     assert _gauge(hub, "pggan_preemptions_total") == 1
 
 
+def test_a_collective_error_after_a_preemption_notice_is_held_until_the_deadline_passes(monkeypatch, capsys):
+    # Raised at once, a survivor's failed all-reduce would reach Ray Train before the preempted rank's death and
+    # be charged as an ordinary failure; held, Ray Train tears the group down at the deadline (the drill kills
+    # the node for real: tests/test_chaos.py). Here nobody tears it down: it gives up past deadline + grace.
+    from types import SimpleNamespace
+
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from pggan import worker
+
+    naps: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr(worker.time, "time", lambda: clock[0])
+    monkeypatch.setattr(worker.time, "sleep", lambda s: (naps.append(s), clock.__setitem__(0, clock[0] + s)))
+    run = SimpleNamespace(preemption=None, rank=1, stage=SimpleNamespace(name="03-16-fade"))
+    worker._WorkerRun.hold_error_through_preemption(run, RuntimeError("Connection reset by peer"))
+    assert naps == [] and capsys.readouterr().out == ""  # no notice: an ordinary failure, raised at once
+
+    run.preemption = PreemptionInfo(deadline_ms=1010_000, preempted_node_to_ranks={"n0": [0]})
+    worker._WorkerRun.hold_error_through_preemption(run, RuntimeError("Connection reset by peer"))
+    assert clock[0] == pytest.approx(1010 + worker.PREEMPTION_HOLD_GRACE_S)  # the deadline, then the grace
+    assert "rank 1: RuntimeError after the preemption notice" in capsys.readouterr().out
+
+    clock[0] = 2000.0
+    run.preemption = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"n0": [0]})
+    worker._WorkerRun.hold_error_through_preemption(run, RuntimeError("Connection reset by peer"))
+    assert clock[0] == pytest.approx(2000 + worker.PREEMPTION_HOLD_NO_DEADLINE_S + worker.PREEMPTION_HOLD_GRACE_S)
+
+
 def test_combine_ranks_averages_finite_losses_only():
     a = {"loss_G": 1.0, "loss_D": float("nan"), "gp": 0.2, "node_id": "a"}
     b = {"loss_G": 3.0, "loss_D": 4.0, "gp": 0.4, "node_id": "b"}

@@ -33,6 +33,10 @@ from .storage import Storage, StorageUnavailable
 # count agrees where a clock would not. 32 steps are well under a second at low resolutions and a few seconds at
 # 1024x1024, against notices of 30-120 s (GCP, AWS); every tick checks too.
 PREEMPTION_CHECK_STEPS = 32
+# After a notice, how long past the reclaim deadline a rank whose collective failed waits for Ray Train to tear
+# the group down (Ray's own wait where a notice has no deadline is 120 s).
+PREEMPTION_HOLD_GRACE_S = 30.0
+PREEMPTION_HOLD_NO_DEADLINE_S = 120.0
 
 
 def run_job(cfg: RunConfig, run_url: str, data_url: str) -> dict[str, Any]:
@@ -157,12 +161,18 @@ def train_run(job: dict[str, Any]) -> None:
     """Ray Train entry point: train from the newest checkpoint through every remaining stage."""
     _quiet_ray_train_loggers()
     _undo_ray_niceness()
+    run: _WorkerRun | None = None
     try:
-        _WorkerRun(job).run()
+        run = _WorkerRun(job)
+        run.run()
     except StorageUnavailable as e:
         # Past the retry budget. Ray logs the error with its traceback on every rank: without the storage client's
         # chain of connection errors (a hundred lines) the message still says what, how often and the last error.
         raise StorageUnavailable(str(e)) from None
+    except RuntimeError as e:  # gloo and NCCL report a vanished peer as RuntimeError (DistBackendError)
+        if run is not None:
+            run.hold_error_through_preemption(e)
+        raise
 
 
 def _preemption_info() -> Any:
@@ -395,6 +405,24 @@ class _WorkerRun:
         self.log(f"[{self.stage.name}] preemption notice for node(s) {nodes} (ranks {info.preempted_ranks}{left}): "
                  f"just-in-time checkpoint at {self.nimg / 1000:.3f} kimg")
         self.checkpoint(reason="preemption")
+
+    def hold_error_through_preemption(self, error: BaseException) -> None:
+        """After a preemption notice, a failed collective is the reclaimed node going: its ranks vanish mid
+        all-reduce. Raised at once, Ray Train can see this error before the preempted rank's death or the
+        deadline and charge it to max_failures as an ordinary failure (ending a run with none left). Held, the
+        group is torn down at the deadline (Ray Train kills this actor) and the restart counts as a preemption.
+        Still alive past the deadline plus a grace, the error is raised after all."""
+        info = self.preemption
+        if info is None:
+            return
+        now = time.time()
+        until = (info.deadline_ms / 1000 if info.deadline_ms else now + PREEMPTION_HOLD_NO_DEADLINE_S)
+        until += PREEMPTION_HOLD_GRACE_S
+        print(f"[{self.stage.name}] rank {self.rank}: {type(error).__name__} after the preemption notice (the node "
+              f"going): waiting up to {max(until - now, 0):.0f} s for Ray Train to restart the worker group",
+              flush=True)
+        while time.time() < until:
+            time.sleep(0.5)
 
     def report(self, **extra: Any) -> dict[str, Any]:
         from .records import tick_record
