@@ -26,6 +26,12 @@ Sections (OUT_DIR/gpu_check.json is rewritten after each, so a run cut short sti
    lr and G_ema; built-in synthetic shapes held on the device), SWD of G_ema against the reals, a second fp32
    seed for the seed-to-seed spread, and the real-vs-real SWD floor.
 
+7. compile: torch.compile (inductor) against eager, same networks, minibatch and precision, at a mid and a
+   high resolution as the rest of the budget allows (--compile-reserve-s of it, 120 s, is kept for this):
+   img/s of each, the speed-up, the seconds the first compiled steps took (compilation), and the losses after
+   the same steps (the math must not change). ``cluster.compile`` stays off by default until this shows it
+   faster.
+
 ``--smoke`` runs a tiny version of every section on whatever device is present (CPU here, in seconds) to
 check the script itself; it is part of the default test suite.
 """
@@ -471,6 +477,43 @@ def ab_section(device: str, model: ModelSection, stage_kimg: float, swd_images: 
     return out
 
 
+# -------------------------------------------------------------------------------------------------- 7. compile
+
+def compile_section(device: str, model: ModelSection, plan: list[tuple[int, int, str]], steps: int, warmup: int,
+                    deadline: float, backend: str, min_left_s: float) -> dict[str, Any]:
+    """Eager vs compiled step per (resolution, minibatch, amp) in ``plan``, while ``min_left_s`` remain."""
+    rows: list[dict[str, Any]] = []
+    for res, batch, amp in plan:
+        if deadline - time.perf_counter() < min_left_s:
+            rows.append({"resolution": res, "batch": batch, "amp": amp, "skipped": "time budget spent"})
+            continue
+        eager = run_step_bench(res, batch, model, LossSection(), StepOptions(amp=amp), device=device,
+                               steps=steps, warmup=warmup, count_flops=False)
+        t0 = time.perf_counter()
+        comp = run_step_bench(res, batch, model, LossSection(),
+                              StepOptions(amp=amp, compile=True, compile_backend=backend), device=device,
+                              steps=steps, warmup=warmup, count_flops=False)
+        total_s = time.perf_counter() - t0
+        row = {"resolution": res, "batch": batch, "amp": amp,
+               "eager_img_per_s": eager["img_per_s"], "compiled_img_per_s": comp["img_per_s"],
+               "speedup": round(comp["img_per_s"] / eager["img_per_s"], 3),
+               # Warm-up steps carry the compilation: everything but the timed steps.
+               "compile_s": round(total_s - steps * comp["ms_per_step"] / 1e3, 1),
+               "loss_D_eager": eager["loss_D"], "loss_D_compiled": comp["loss_D"]}
+        row["loss_D_rel_diff"] = abs(row["loss_D_compiled"] - row["loss_D_eager"]) / max(abs(row["loss_D_eager"]),
+                                                                                         1e-6)
+        rows.append(row)
+        print(json.dumps({"compile": row}), flush=True)
+        torch._dynamo.reset()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    done = [r for r in rows if "speedup" in r]
+    return {"backend": backend, "rows": rows, "faster_at": [[r["resolution"], r["amp"]] for r in done
+                                                            if r["speedup"] > 1.05],
+            "how": f"{steps} timed steps after {warmup} warm-up steps each; compile_s = the compiled run's "
+                   "wall time less its timed steps (compilation and warm-up); losses after the same steps"}
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 def main() -> int:
@@ -485,7 +528,10 @@ def main() -> int:
     ap.add_argument("--ab-stage-kimg", type=float, default=20.0, help="A/B: kimg per fade-in and stable stage")
     ap.add_argument("--ab-resolution", type=int, default=32)
     ap.add_argument("--ab-swd-images", type=int, default=4096)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["consistency", "host_syncs", "allreduce", "step", "ab"])
+    ap.add_argument("--compile-reserve-s", type=float, default=120.0,
+                    help="of the budget, kept for the compile section")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["consistency", "host_syncs", "allreduce", "step", "ab", "compile"])
     args = ap.parse_args()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -500,7 +546,7 @@ def main() -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke,
         "peaks_tflop_per_s": device_peaks(name), "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "consistency": None, "host_syncs": None, "allreduce": None, "results": [], "projection": None, "ab": None,
-        "errors": [],
+        "compile": None, "errors": [],
     }
 
     def write() -> None:
@@ -535,6 +581,8 @@ def main() -> int:
         steps, warmup, reps = 1, 1, 2
         ab_model = ModelSection(max_resolution=16, latent_size=16, fmap_base=64, fmap_max=8, mbstd_group_size=16)
         ab_kimg, ab_images, ab_mb = 0.008, 64, 4
+        # aot_eager: the compile path traced (dynamo + AOTAutograd), no code generation: seconds on a CPU.
+        compile_plan, compile_backend, compile_min_left = [(8, 4, "none")], "aot_eager", 0.0
     else:
         model = ModelSection(mbstd_group_size=16)  # the paper's networks (v1-1gpu: group = the whole minibatch)
         plan = [(r, b, amp) for amp in ("none", "bf16") for r in RESOLUTIONS
@@ -542,6 +590,8 @@ def main() -> int:
         steps, warmup, reps = args.steps, args.warmup, 10
         ab_model = ModelSection(max_resolution=args.ab_resolution, mbstd_group_size=16)
         ab_kimg, ab_images, ab_mb = args.ab_stage_kimg, args.ab_swd_images, 16
+        compile_plan = [(64, 16, "bf16"), (64, 16, "none"), (256, 14, "bf16"), (256, 14, "none")]
+        compile_backend, compile_min_left = "inductor", 45.0
         # fp32 as a user runs it: cuDNN convolutions may use TF32 tensor cores (PyTorch's default); matmuls too.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -551,9 +601,10 @@ def main() -> int:
     section("allreduce", lambda: allreduce_section(device, model, reps, args.busbw_gbs))
     # The A/B gets its share of the budget first: the benchmark stops early instead.
     ab_reserve = 0.0 if "ab" in args.skip else (5.0 if args.smoke else 200.0)
+    compile_reserve = 0.0 if "compile" in args.skip or args.smoke else args.compile_reserve_s
     if "step" not in args.skip:
         t0 = time.perf_counter()
-        step_section(device, model, plan, steps, warmup, deadline - ab_reserve, report["errors"],
+        step_section(device, model, plan, steps, warmup, deadline - ab_reserve - compile_reserve, report["errors"],
                      lambda rec: (report["results"].append(rec), write()))
         report.setdefault("section_s", {})["step"] = round(time.perf_counter() - t0, 1)
     if report["results"]:
@@ -565,8 +616,10 @@ def main() -> int:
         write()
     if not args.smoke:  # equal kimg for every run, as much as the rest of the budget holds
         ab_kimg = ab_fit_kimg(report["results"], ab_kimg, ab_model.max_resolution, ab_mb,
-                              deadline - time.perf_counter())
+                              deadline - compile_reserve - time.perf_counter())
     section("ab", lambda: ab_section(device, ab_model, ab_kimg, ab_images, ab_mb, with_seed_spread=True))
+    section("compile", lambda: compile_section(device, model, compile_plan, steps, warmup, deadline,
+                                               compile_backend, compile_min_left))
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     write()
     if dist.is_initialized():

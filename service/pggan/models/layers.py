@@ -181,10 +181,21 @@ def shift_sum(w: torch.Tensor) -> torch.Tensor:
     return w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The 3x3 -> 4x4 kernel derivation as a [9, 16] matrix. One small matmul (and one in backward)
-    replaces the pad/slice/add chain, which on CPU costs more than the fused convolution saves."""
+    replaces the pad/slice/add chain, which on CPU costs more than the fused convolution saves. Cached in
+    eager mode; torch.compile traces the construction instead (a constant in its graph)."""
+    if torch.compiler.is_compiling():
+        return _build_kernel_map(kind, device, dtype)
+    return _cached_kernel_map(kind, device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _build_kernel_map(kind, device, dtype)
+
+
+def _build_kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     basis = shift_sum(torch.eye(9, dtype=torch.float64).view(9, 3, 3))  # [9, 4, 4]
     if kind == "up":
         basis = basis.flip(-2, -1)

@@ -77,6 +77,7 @@ class StepOptions:
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True        # NHWC activations
     compile: bool = False             # torch.compile G, and D where no double backward runs through it
+    compile_backend: str = "inductor" # torch.compile backend ("aot_eager": traced, no code generation)
     no_grad_fakes: bool = True        # D step: G(z) under no_grad (else G's graph is built and dropped)
     freeze_d_in_g_step: bool = True   # G step: D.requires_grad_(False) (else D's weight grads are computed)
     one_d_pass: bool = True           # D step: reals and fakes scored in one D pass of 2N (minibatch-stddev
@@ -340,10 +341,11 @@ class GanTrainer:
         limit_name = "recompile_limit" if hasattr(dynamo_cfg, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_cfg, limit_name, max(getattr(dynamo_cfg, limit_name), 64))
         # Double backward does not run through compiled graphs: the gradient penalty's D stays eager.
-        self._G_nograd = torch.compile(self.G)
-        self._G_train = torch.compile(self._G_train)
-        self._D_scores = torch.compile(self._D_train)
-        self._D_frozen = torch.compile(self.D)
+        backend = self.opts.compile_backend
+        self._G_nograd = torch.compile(self.G, backend=backend)
+        self._G_train = torch.compile(self._G_train, backend=backend)
+        self._D_scores = torch.compile(self._D_train, backend=backend)
+        self._D_frozen = torch.compile(self.D, backend=backend)
 
     @classmethod
     def from_config(cls, cfg: "RunConfig", device: str | torch.device = "cpu", **kwargs: Any) -> "GanTrainer":
