@@ -66,6 +66,37 @@ def test_stage_end_writes_grid_snapshot_final_generator_and_the_record_that_mark
     storage.rm(run, recursive=True)
 
 
+@pytest.mark.parametrize("mirror", [True, False])
+def test_stage_end_reals_are_mirrored_as_training_mirrors_them(monkeypatch, mirror):
+    # The official evaluation mirrors the reals it compares with when training mirrored them (mirror_augment).
+    from pggan.stage_eval import _sample_indices
+
+    cfg = load_config(preset="demo", sets=TINY + [f"data.mirror={str(mirror).lower()}"])
+    storage, run = Storage(), f"memory://stage-eval-mirror-{mirror}"
+    ev = _evaluator(cfg, storage, run)
+    seen = {}
+
+    def capture(storage_, url, ranges, resolution, images_of, **kw):
+        seen["url"], seen["images"] = url, images_of(0, ev.n)
+        return None
+
+    monkeypatch.setattr(swd_dist, "cached_share", capture)
+    ev._reals(8, [(0, ev.n)], torch.float32, stream=swd_dist.REALS, offset=0)
+    plain = ev.dataset.images(8, _sample_indices(ev.dataset.num_images, 2 * ev.n, ev.seed + 1)[:ev.n])
+    flipped = np.array([not np.array_equal(a, b) for a, b in zip(seen["images"], plain)])
+    if mirror:
+        flags = swd_dist.mirror_flags(2 * ev.n, ev.seed)[:ev.n]
+        assert 0.25 < flags.mean() < 0.75
+        np.testing.assert_array_equal(seen["images"][flags], plain[flags][..., ::-1])
+        np.testing.assert_array_equal(seen["images"][~flags], plain[~flags])
+        assert flipped.sum() > 0
+    else:
+        assert not flipped.any()
+    other = swd_dist.cache_key(data=ev.data_url, synthetic_images=cfg.data.synthetic_images, resolution=8,
+                               images=ev.n, seed=ev.seed, mirror=not mirror, stream=swd_dist.REALS)
+    assert other not in seen["url"]  # mirrored and plain reals never share a cache
+
+
 def test_the_4x4_stage_end_has_a_grid_and_no_swd():
     from pggan.training import GanTrainer
 
