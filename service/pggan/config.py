@@ -237,7 +237,8 @@ class ClusterSection(_Section):
     amp: Literal["auto", "bf16", "none"] = Field("auto", description="Mixed precision: auto = bf16 on GPU, fp32 on CPU "
                                                                      "(the paper presets set none: fp32 as the official runs).")
     channels_last: bool = Field(True, description="NHWC memory format for convolutions.")
-    compile: bool = Field(False, description="torch.compile the networks.")
+    compile: bool = Field(False, description="torch.compile G and D (the gradient penalty's D pass stays eager). "
+                                             "Off: not measured faster yet (CPU: even; GPU: gpu_check section 7).")
 
 
 class CheckpointSection(_Section):
