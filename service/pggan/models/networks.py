@@ -142,7 +142,10 @@ class Generator(nn.Module):
         self.blocks["4"].memory_format = memory_format
         set_memory_format(self, memory_format)
 
-    def forward(self, z: torch.Tensor, res: int, alpha: float = 1.0) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, res: int, alpha: float | torch.Tensor = 1.0,
+                fade: bool | None = None) -> torch.Tensor:
+        """``alpha`` may be a 0-dim tensor with ``fade`` given (compiled callers: a new alpha every step must
+        not be a new graph); ``fade`` defaults to ``alpha < 1``."""
         _check_res(res, self.max_resolution)
         assert z.ndim == 2 and z.shape[1] == self.latent_size, f"z {tuple(z.shape)}"
         x = self.blocks["4"](z)                                   # [N, C4, 4, 4]
@@ -154,9 +157,9 @@ class Generator(nn.Module):
             r *= 2
         # x: [N, C(res/2), res/2, res/2]
         img = self.to_rgb[str(res)](self.blocks[str(res)](x))    # [N, 3, res, res]
-        if alpha < 1.0:
+        if _fading(alpha, fade):
             prev = upsample2x(self.to_rgb[str(res // 2)](x))     # [N, 3, res, res]
-            img = torch.lerp(prev, img, alpha)
+            img = _lerp(prev, img, alpha)
         assert img.shape[1:] == (IMG_CHANNELS, res, res)
         return img
 
@@ -243,9 +246,10 @@ class Discriminator(nn.Module):
     def forward(self,
                 img: torch.Tensor,  # [N, 3, res, res]
                 res: int,
-                alpha: float = 1.0,
+                alpha: float | torch.Tensor = 1.0,  # a 0-dim tensor with ``fade`` given, as for the Generator
                 segments: int = 1,  # img is this many independent minibatches back to back (minibatch stddev
                                     # groups stay inside each): one pass scores reals and fakes as two passes would
+                fade: bool | None = None,
                 ) -> torch.Tensor:  # [N]
         _check_res(res, self.max_resolution)
         assert img.shape[1:] == (IMG_CHANNELS, res, res), f"images {tuple(img.shape)} are not 3x{res}x{res}"
@@ -253,16 +257,28 @@ class Discriminator(nn.Module):
         s = self.gdrop_strength
         if res > 4:
             x = self.blocks[str(res)](x, s)                       # [N, C(res/2), res/2, res/2]
-            if alpha < 1.0:
+            if _fading(alpha, fade):
                 # The new block fades in against the previous input path on the 2x2-pooled image.
                 prev = lrelu(self.from_rgb[str(res // 2)](downsample2x(img)))
-                x = torch.lerp(prev, x, alpha)
+                x = _lerp(prev, x, alpha)
             r = res // 2
             while r > 4:
                 x = self.blocks[str(r)](x, s)
                 r //= 2
         # x: [N, C4, 4, 4]
         return self.blocks["4"](x, segments, s)
+
+
+def _fading(alpha: float | torch.Tensor, fade: bool | None) -> bool:
+    if fade is not None:
+        return fade
+    if isinstance(alpha, torch.Tensor):
+        raise TypeError("alpha as a tensor needs fade=True/False (its value is not read on the host)")
+    return alpha < 1.0
+
+
+def _lerp(prev: torch.Tensor, x: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    return torch.lerp(prev, x, alpha.to(x.dtype) if isinstance(alpha, torch.Tensor) else alpha)
 
 
 def build_networks(model_cfg: "ModelSection", gdrop: bool = False) -> tuple[Generator, Discriminator]:

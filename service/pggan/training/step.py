@@ -342,10 +342,22 @@ class GanTrainer:
         setattr(dynamo_cfg, limit_name, max(getattr(dynamo_cfg, limit_name), 64))
         # Double backward does not run through compiled graphs: the gradient penalty's D stays eager.
         backend = self.opts.compile_backend
-        self._G_nograd = torch.compile(self.G, backend=backend)
-        self._G_train = torch.compile(self._G_train, backend=backend)
-        self._D_scores = torch.compile(self._D_train, backend=backend)
-        self._D_frozen = torch.compile(self.D, backend=backend)
+        self._G_nograd = self._alpha_as_tensor(torch.compile(self.G, backend=backend))
+        self._G_train = self._alpha_as_tensor(torch.compile(self._G_train, backend=backend))
+        self._D_scores = self._alpha_as_tensor(torch.compile(self._D_train, backend=backend))
+        self._D_frozen = self._alpha_as_tensor(torch.compile(self.D, backend=backend))
+
+    def _alpha_as_tensor(self, compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """A fade-in's alpha changes every step: as a Python float each value would be a new graph (dynamo
+        guards on it), as a 0-dim device tensor (a fill kernel, no host sync) it is an input of one graph.
+        A fresh tensor per call: autograd saves it for the backward pass."""
+        device = self.device
+
+        def call(x: torch.Tensor, res: int, alpha: float = 1.0, **kw: Any) -> torch.Tensor:
+            a = torch.full((), float(alpha), device=device, dtype=torch.float32)
+            return compiled(x, res, a, fade=alpha < 1.0, **kw)
+
+        return call
 
     @classmethod
     def from_config(cls, cfg: "RunConfig", device: str | torch.device = "cpu", **kwargs: Any) -> "GanTrainer":
