@@ -421,8 +421,7 @@ class _WorkerRun:
         print(f"[{self.stage.name}] rank {self.rank}: {type(error).__name__} after the preemption notice (the node "
               f"going): waiting up to {max(until - now, 0):.0f} s for Ray Train to restart the worker group",
               flush=True)
-        while time.time() < until:
-            time.sleep(0.5)
+        time.sleep(max(until - now, 0))
 
     def report(self, **extra: Any) -> dict[str, Any]:
         from .records import tick_record

@@ -185,14 +185,8 @@ def _kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Te
     """The 3x3 -> 4x4 kernel derivation as a [9, 16] matrix. One small matmul (and one in backward)
     replaces the pad/slice/add chain, which on CPU costs more than the fused convolution saves. Cached in
     eager mode; torch.compile traces the construction instead (a constant in its graph)."""
-    if torch.compiler.is_compiling():
-        return _build_kernel_map(kind, device, dtype)
-    return _cached_kernel_map(kind, device, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _build_kernel_map(kind, device, dtype)
+    build = _build_kernel_map if torch.compiler.is_compiling() else _cached_kernel_map
+    return build(kind, device, dtype)
 
 
 def _build_kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -202,6 +196,9 @@ def _build_kernel_map(kind: str, device: torch.device, dtype: torch.dtype) -> to
     else:
         basis = basis * 0.25
     return basis.reshape(9, 16).to(device, dtype)
+
+
+_cached_kernel_map = functools.lru_cache(maxsize=None)(_build_kernel_map)
 
 
 def upsample_kernel(w: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
